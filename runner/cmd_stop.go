@@ -1,0 +1,12 @@
+package main
+
+import (
+	"context"
+	"fmt"
+)
+
+// TODO(owner of this file): replace this placeholder.
+func cmdStop(ctx context.Context, env *cliEnv, args []string) int {
+	fmt.Fprintln(env.stderr, "vmharness: not implemented yet")
+	return exitHarnessError
+}

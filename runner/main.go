@@ -1,0 +1,86 @@
+// Command vmharness runs integration tests in QEMU VMs booted from a shared
+// cached image, and offers the tools to inspect those VMs (ps, ssh, stop).
+//
+// Exit codes follow Meson's convention: 0 pass, 77 skip, 99 harness error,
+// anything else a test failure.
+package main
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"os"
+	"os/signal"
+	"syscall"
+)
+
+// Exit codes shared by every subcommand.
+const (
+	exitPass         = 0
+	exitFail         = 1
+	exitSkip         = 77
+	exitHarnessError = 99
+)
+
+// command is one vmharness subcommand. It gets its arguments (without the
+// subcommand name) and returns the process exit code.
+type command struct {
+	name    string
+	summary string
+	run     func(ctx context.Context, env *cliEnv, args []string) int
+}
+
+// cliEnv is what a subcommand may touch of the process: its streams and
+// environment, so tests can run subcommands in-process.
+type cliEnv struct {
+	stdin  io.Reader
+	stdout io.Writer
+	stderr io.Writer
+	getenv func(string) string
+}
+
+func commands() []command {
+	return []command{
+		{"run", "boot a VM and run one test unit in it", cmdRun},
+		{"image", "build or locate the cached base image (image build)", cmdImage},
+		{"ps", "list running harness VMs", cmdPs},
+		{"ssh", "open an ssh session to a harness VM: ssh NAME [-- CMD...]", cmdSSH},
+		{"ssh-proxy", "ssh ProxyCommand for vsock/CID, vsock-mux/PATH, unix/PATH, machine/NAME", cmdSSHProxy},
+		{"ssh-config", "print an ssh_config fragment for harness VMs", cmdSSHConfig},
+		{"stop", "stop a kept harness VM and clean up after it", cmdStop},
+	}
+}
+
+func main() {
+	env := &cliEnv{stdin: os.Stdin, stdout: os.Stdout, stderr: os.Stderr, getenv: os.Getenv}
+	os.Exit(dispatch(env, os.Args[1:]))
+}
+
+func dispatch(env *cliEnv, args []string) int {
+	if len(args) == 0 || args[0] == "-h" || args[0] == "--help" || args[0] == "help" {
+		usage(env.stderr)
+		if len(args) == 0 {
+			return exitHarnessError
+		}
+		return exitPass
+	}
+	for _, c := range commands() {
+		if c.name != args[0] {
+			continue
+		}
+		// SIGTERM is what Meson sends on timeout; SIGINT is a user's ^C. Both
+		// cancel the context so every resource owner can clean up.
+		ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
+		defer stop()
+		return c.run(ctx, env, args[1:])
+	}
+	fmt.Fprintf(env.stderr, "vmharness: unknown command %q (see vmharness help)\n", args[0])
+	return exitHarnessError
+}
+
+func usage(w io.Writer) {
+	fmt.Fprintln(w, "usage: vmharness COMMAND [ARGS]")
+	for _, c := range commands() {
+		fmt.Fprintf(w, "  %-11s %s\n", c.name, c.summary)
+	}
+}
