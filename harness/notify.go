@@ -1,0 +1,143 @@
+package harness
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"errors"
+	"io"
+	"net"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+)
+
+// maxNotifyMessage bounds one notify connection. systemd's own messages are
+// a few hundred bytes; anything larger is a misbehaving guest.
+const maxNotifyMessage = 64 << 10
+
+// notifyReadTimeout bounds how long one notify connection may stay open.
+// PID 1 writes a message and closes at once.
+const notifyReadTimeout = 30 * time.Second
+
+// NotifyMessage is one sd_notify message: the assignments of one connection.
+type NotifyMessage map[string]string
+
+// parseNotify splits a message into its NAME=VALUE lines. Lines without '='
+// are ignored, as systemd does.
+func parseNotify(data []byte) NotifyMessage {
+	m := NotifyMessage{}
+	for _, line := range bytes.Split(data, []byte("\n")) {
+		key, value, ok := bytes.Cut(line, []byte("="))
+		if !ok || len(key) == 0 {
+			continue
+		}
+		m[string(key)] = string(value)
+	}
+	return m
+}
+
+// NotifyState is what the guest's service manager told the host so far.
+type NotifyState struct {
+	mu         sync.Mutex
+	ready      bool
+	exitStatus *int
+	lastStatus string
+	events     chan NotifyMessage
+	changed    chan struct{}
+}
+
+func newNotifyState() *NotifyState {
+	return &NotifyState{changed: make(chan struct{}, 1)}
+}
+
+// ExitStatus returns the EXIT_STATUS the guest reported, if any.
+func (s *NotifyState) ExitStatus() (int, bool) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.exitStatus == nil {
+		return 0, false
+	}
+	return *s.exitStatus, true
+}
+
+// Ready reports whether the guest sent READY=1.
+func (s *NotifyState) Ready() bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.ready
+}
+
+// Heard reports whether any message arrived.
+func (s *NotifyState) heard() bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.lastStatus != "" || s.ready || s.exitStatus != nil
+}
+
+func (s *NotifyState) apply(m NotifyMessage) {
+	s.mu.Lock()
+	if m["READY"] == "1" {
+		s.ready = true
+	}
+	if v, ok := m["EXIT_STATUS"]; ok {
+		// A malformed status from the guest is recorded as an unparsable
+		// status rather than ignored, so the test fails visibly.
+		n, err := strconv.Atoi(strings.TrimSpace(v))
+		if err != nil || n < 0 || n > 255 {
+			n = -1
+		}
+		s.exitStatus = &n
+	}
+	s.lastStatus = describeNotify(m)
+	s.mu.Unlock()
+	select {
+	case s.changed <- struct{}{}:
+	default:
+	}
+}
+
+func describeNotify(m NotifyMessage) string {
+	for _, k := range []string{"EXIT_STATUS", "X_SYSTEMD_SHUTDOWN", "X_SYSTEMD_UNIT_ACTIVE", "STATUS", "READY"} {
+		if v, ok := m[k]; ok {
+			return k + "=" + v
+		}
+	}
+	return "message"
+}
+
+// serveNotify accepts notify connections until the listener is closed or
+// ctx ends, applying each complete message to state. It returns when every
+// connection handler has finished.
+func serveNotify(ctx context.Context, l net.Listener, state *NotifyState, logf func(string, ...any)) {
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	stop := context.AfterFunc(ctx, func() { l.Close() })
+	defer stop()
+	for {
+		conn, err := l.Accept()
+		if err != nil {
+			if !errors.Is(err, net.ErrClosed) && ctx.Err() == nil {
+				logf("notify: accept: %v", err)
+			}
+			return
+		}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			defer conn.Close()
+			conn.SetReadDeadline(time.Now().Add(notifyReadTimeout))
+			data, err := io.ReadAll(io.LimitReader(bufio.NewReader(conn), maxNotifyMessage+1))
+			if err != nil {
+				logf("notify: reading message: %v", err)
+				return
+			}
+			if len(data) > maxNotifyMessage {
+				logf("notify: dropping a message over %d bytes", maxNotifyMessage)
+				return
+			}
+			state.apply(parseNotify(data))
+		}()
+	}
+}
