@@ -37,15 +37,15 @@ type Config struct {
 	QEMU  string // QEMU system emulator binary; default qemu-system-x86_64
 	Image BootImage
 	Unit  TestUnit
-	// StartUnit false boots the guest to multi-user.target with the test
-	// unit installed but not started (for interactive debugging).
-	StartUnit   bool
-	Credentials []Credential // user and harness credentials, not the unit's
-	KernelArgs  []string     // appended to the harness's kernel command line
-	QEMUArgs    []string     // appended to the harness's QEMU arguments
-	MemoryMiB   int
-	CPUs        int
-	Accel       Accel
+	// SkipTestUnit boots the guest to multi-user.target with the test unit
+	// installed but not started (for interactive debugging).
+	SkipTestUnit bool
+	Credentials  []Credential // user and harness credentials, not the unit's
+	KernelArgs   []string     // appended to the harness's kernel command line
+	QEMUArgs     []string     // appended to the harness's QEMU arguments
+	MemoryMiB    int
+	CPUs         int
+	Accel        Accel
 	// WorkDir is a private directory for the overlay and credential files.
 	WorkDir    string
 	ConsoleLog string
@@ -173,10 +173,10 @@ func (m *Machine) KernelCommandLine() string {
 		"systemd.journald.forward_to_console=0",
 		"systemd.firstboot=off",
 	}
-	if cfg.StartUnit {
-		args = append(args, "systemd.unit="+cfg.Unit.Name)
-	} else {
+	if cfg.SkipTestUnit {
 		args = append(args, "systemd.unit=multi-user.target")
+	} else {
+		args = append(args, "systemd.unit="+cfg.Unit.Name)
 	}
 	return strings.Join(append(args, cfg.KernelArgs...), " ")
 }

@@ -125,7 +125,11 @@ const EmergencyExitStatus = 124
 // testUnitCredentials returns the credentials that install the test unit,
 // its exit drop-in and the emergency-exit unit in the guest.
 func testUnitCredentials(u TestUnit) []Credential {
+	// With systemd.unit=TEST.service nothing pulls in basic.target (a
+	// service is only ordered after it), so sockets.target and with it
+	// systemd-ssh-generator's sshd-vsock.socket would never start.
 	dropin := fmt.Sprintf(`[Unit]
+Wants=basic.target
 SuccessAction=exit
 SuccessActionExitStatus=%d
 FailureAction=exit

@@ -1,0 +1,5 @@
+package journalremote
+
+import "syscall"
+
+func ownProcessGroup() *syscall.SysProcAttr { return &syscall.SysProcAttr{Setpgid: true} }

@@ -1,0 +1,7 @@
+//go:build !linux
+
+package journalremote
+
+import "syscall"
+
+func ownProcessGroup() *syscall.SysProcAttr { return nil }

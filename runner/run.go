@@ -1,0 +1,304 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/vmharness/vmharness/harness"
+	"github.com/vmharness/vmharness/harness/registry"
+	"github.com/vmharness/vmharness/harness/sshkey"
+	"github.com/vmharness/vmharness/harness/vsock"
+)
+
+// Guest-to-host vsock ports the runner listens on. With the userspace
+// transport ports are per VM; with the kernel's, host ports are shared by
+// all VMs, so listenVsock moves on to the next free port.
+const (
+	notifyPortBase  = 0x7600
+	journalPortBase = 0x7700
+)
+
+// testRun is one `vmharness run`: it owns every resource the run creates
+// and releases them in reverse order.
+type testRun struct {
+	env      *cliEnv
+	opts     *runOptions
+	cleanups []func()
+}
+
+func (r *testRun) logf(format string, args ...any) {
+	fmt.Fprintf(r.env.stderr, "vmharness: "+format+"\n", args...)
+}
+
+// fail prints one clear line for a harness problem and returns exit 99.
+func (r *testRun) fail(format string, args ...any) int {
+	fmt.Fprintf(r.env.stderr, "vmharness run: "+format+"\n", args...)
+	return harness.ExitHarnessError
+}
+
+func (r *testRun) defer_(f func()) { r.cleanups = append(r.cleanups, f) }
+
+func (r *testRun) cleanup() {
+	for i := len(r.cleanups) - 1; i >= 0; i-- {
+		r.cleanups[i]()
+	}
+	r.cleanups = nil
+}
+
+func (r *testRun) run(ctx context.Context) int {
+	defer r.cleanup()
+	opts, getenv := r.opts, r.env.getenv
+
+	unit, err := harness.LoadTestUnit(opts.unitPath)
+	if err != nil {
+		return r.fail("%v", err)
+	}
+	var creds []harness.Credential
+	for _, arg := range opts.credentials {
+		c, err := harness.ParseCredentialArg(arg)
+		if err != nil {
+			return r.fail("%v", err)
+		}
+		creds = append(creds, c)
+	}
+	keepJournal, err := parseKeepPolicy(opts.keepJournal)
+	if err != nil {
+		return r.fail("%v", err)
+	}
+	vsockMode, err := vsock.ParseMode(getenv(vsock.EnvMode))
+	if err != nil {
+		return r.fail("%v", err)
+	}
+	accel, err := harness.DetectAccel(getenv)
+	if err != nil {
+		return r.fail("%v", err)
+	}
+	img, err := ensureImage(ctx, r.env)
+	if err != nil {
+		return r.fail("%v", err)
+	}
+
+	stateDir, err := sshkey.StateDir(getenv)
+	if err != nil {
+		return r.fail("%v", err)
+	}
+	journalDir := opts.journalDir
+	if journalDir == "" {
+		journalDir = filepath.Join(stateDir, "journal")
+	}
+	if err := os.MkdirAll(journalDir, 0o755); err != nil {
+		return r.fail("journal directory: %v", err)
+	}
+	_, pubKey, err := sshkey.EnsureKey(stateDir)
+	if err != nil {
+		return r.fail("ssh key: %v", err)
+	}
+
+	reg, err := registry.Open(registry.RuntimeDir(getenv))
+	if err != nil {
+		return r.fail("%v", err)
+	}
+	workDir, err := os.MkdirTemp(reg.Dir(), "vm-")
+	if err != nil {
+		return r.fail("creating the VM's work directory: %v", err)
+	}
+	keepWorkDir := false
+	r.defer_(func() {
+		if !keepWorkDir {
+			os.RemoveAll(workDir)
+		}
+	})
+
+	transport, err := vsock.New(ctx, vsock.Config{
+		Mode:         vsockMode,
+		RuntimeDir:   workDir,
+		CIDAllocator: reg,
+		Logf:         r.logf,
+	})
+	if err != nil {
+		return r.fail("%v", err)
+	}
+	r.defer_(func() { transport.Close() })
+
+	notifyL, notifyPort, err := listenVsock(transport, notifyPortBase)
+	if err != nil {
+		return r.fail("listening for the guest's notifications: %v", err)
+	}
+	journalL, journalPort, err := listenVsock(transport, journalPortBase)
+	if err != nil {
+		return r.fail("listening for the guest's journal: %v", err)
+	}
+	r.defer_(func() { journalL.Close() })
+
+	name, reg_, err := r.register(reg, baseName(opts, unit), registry.Entry{
+		CID:          transport.CID(),
+		Transport:    string(transport.Kind()),
+		HybridSocket: transport.HybridSocket(),
+		RunnerPID:    os.Getpid(),
+		StartTime:    time.Now(),
+		WorkDir:      workDir,
+	})
+	if err != nil {
+		return r.fail("%v", err)
+	}
+	r.defer_(func() {
+		if !keepWorkDir {
+			reg_.Remove()
+		}
+	})
+	journalPath := filepath.Join(journalDir, name+".journal")
+	consoleLog := filepath.Join(journalDir, name+".console.log")
+	reg_.Update(func(e *registry.Entry) { e.JournalPath, e.ConsoleLog = journalPath, consoleLog })
+
+	journal, err := startJournal(ctx, r, journalL, journalPath, unit.Name, opts.journalDir != "")
+	if err != nil {
+		return r.fail("%v", err)
+	}
+
+	creds = append(creds,
+		harness.Credential{Name: "vmm.notify_socket", Value: []byte(fmt.Sprintf("vsock-stream:%d:%d", vsock.HostCID, notifyPort))},
+		harness.Credential{Name: "journal.forward_to_socket", Value: []byte(fmt.Sprintf("vsock-stream:%d:%d", vsock.HostCID, journalPort))},
+		harness.Credential{Name: "journal.storage", Value: []byte("volatile")},
+		harness.Credential{Name: "ssh.authorized_keys.root", Value: []byte(pubKey + "\n")},
+	)
+	bootTimeout := opts.bootTimeout
+	if bootTimeout == 0 {
+		bootTimeout = 30 * time.Second * accel.TimeoutScale()
+	}
+	m, err := harness.NewMachine(ctx, harness.Config{
+		Name:           name,
+		QEMU:           getenv("VMHARNESS_QEMU"),
+		Image:          img,
+		Unit:           unit,
+		Credentials:    creds,
+		KernelArgs:     opts.kernelArgs,
+		QEMUArgs:       opts.qemuArgs,
+		MemoryMiB:      opts.memoryMiB,
+		CPUs:           opts.cpus,
+		Accel:          accel,
+		WorkDir:        workDir,
+		ConsoleLog:     consoleLog,
+		Transport:      transport,
+		NotifyListener: notifyL,
+		NotifyPort:     notifyPort,
+		Timeout:        opts.timeout,
+		BootTimeout:    bootTimeout,
+		Logf:           r.logf,
+	})
+	if err != nil {
+		journal.abort()
+		return r.fail("%v", err)
+	}
+
+	r.logf("%s: booting on %s, vsock %s CID %d", name, accel, transport.Kind(), transport.CID())
+	res, err := m.Run(ctx, func(pid int) {
+		reg_.Update(func(e *registry.Entry) { e.QEMUPID = pid })
+	})
+	if err != nil {
+		journal.abort()
+		return r.fail("%v", err)
+	}
+	// QEMU is gone; the journal streams end now. Wait until every entry
+	// the guest sent is on disk before judging and cleaning up.
+	journalErr := journal.finish()
+
+	outcome := res.Outcome
+	r.report(name, unit, res, journal)
+	if journalErr != nil {
+		r.logf("%s: journal: %v", name, journalErr)
+		if outcome.Passed() && journal.explicit {
+			outcome = harness.Outcome{ExitCode: harness.ExitHarnessError, Reason: journalErr.Error()}
+		}
+	}
+	if !keepJournal.keep(outcome) {
+		journal.remove()
+		os.Remove(consoleLog)
+	}
+	return outcome.ExitCode
+}
+
+// report prints the outcome: one line for a pass or skip, the reason, the
+// console's last lines and the journal summary for a failure.
+func (r *testRun) report(name string, unit harness.TestUnit, res *harness.Result, journal *journalRun) {
+	o := res.Outcome
+	elapsed := res.Elapsed.Round(100 * time.Millisecond)
+	switch {
+	case o.Passed():
+		r.logf("%s: PASS (%s)", name, elapsed)
+		return
+	case o.Skipped():
+		r.logf("%s: SKIP: %s (%s)", name, o.Reason, elapsed)
+		return
+	}
+	r.logf("%s: FAIL: %s (%s)", name, o.Reason, elapsed)
+	if o.ExitCode == harness.ExitHarnessError && res.QEMUStderr != "" {
+		r.logf("QEMU said:\n%s", indent(res.QEMUStderr))
+	}
+	if len(res.ConsoleTail) > 0 {
+		tail := res.ConsoleTail
+		if len(tail) > 20 {
+			tail = tail[len(tail)-20:]
+		}
+		r.logf("last console lines:\n%s", indent(strings.Join(tail, "\n")))
+	}
+	journal.summary(r.env.stderr)
+}
+
+func indent(s string) string {
+	return "    " + strings.ReplaceAll(s, "\n", "\n    ")
+}
+
+// baseName is the VM's name before uniquifying: --name or the unit name,
+// with Meson's repeat iteration appended so repeated runs stay apart.
+func baseName(opts *runOptions, unit harness.TestUnit) string {
+	name := opts.name
+	if name == "" {
+		name = strings.TrimSuffix(unit.Name, ".service")
+	}
+	// Template instances (foo@bar) and other characters ssh would misread
+	// in machine/NAME are replaced.
+	return registry.SanitizeName(name)
+}
+
+// register records the VM under a unique name: name, or name-2, name-3...
+// when a live VM (a parallel run of the same test) already has it.
+func (r *testRun) register(reg *registry.Registry, name string, e registry.Entry) (string, *registry.Registration, error) {
+	if it := r.env.getenv("MESON_TEST_ITERATION"); it != "" && it != "1" {
+		name += "-iter" + it
+	}
+	for i := 1; i <= 100; i++ {
+		e.Name = name
+		if i > 1 {
+			e.Name = name + "-" + strconv.Itoa(i)
+		}
+		g, err := reg.Register(e)
+		if errors.Is(err, registry.ErrNameTaken) {
+			continue
+		}
+		if err != nil {
+			return "", nil, fmt.Errorf("registering VM %s: %w", e.Name, err)
+		}
+		return e.Name, g, nil
+	}
+	return "", nil, fmt.Errorf("registering VM %s: 100 live VMs already use this name", name)
+}
+
+// listenVsock listens on the first free port from base.
+func listenVsock(t vsock.Transport, base uint32) (net.Listener, uint32, error) {
+	var lastErr error
+	for port := base; port < base+256; port++ {
+		l, err := t.Listen(port)
+		if err == nil {
+			return l, port, nil
+		}
+		lastErr = err
+	}
+	return nil, 0, lastErr
+}
