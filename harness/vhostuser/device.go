@@ -14,8 +14,10 @@ import "github.com/vmharness/vmharness/harness/virtq"
 // device. The server calls its methods from its own goroutines; the Device
 // synchronises its own state.
 type Device interface {
-	// Features returns the virtio feature bits the device offers, without
-	// VHOST_USER_F_PROTOCOL_FEATURES (the server adds it).
+	// Features returns the virtio feature bits the device offers (for
+	// example VIRTIO_F_VERSION_1). The server adds
+	// VHOST_USER_F_PROTOCOL_FEATURES and the ring features its queues
+	// implement (virtq.RingFeatures: INDIRECT_DESC and EVENT_IDX).
 	Features() uint64
 	// Config returns the device configuration space (for vsock: the
 	// little-endian 64-bit guest CID).
