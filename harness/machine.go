@@ -58,8 +58,14 @@ type Config struct {
 	// until the guest's service manager first talks to the host.
 	Timeout     time.Duration
 	BootTimeout time.Duration
-	// Detach starts QEMU in its own session so it can outlive the runner.
-	Detach bool
+	// KeepOnFailure is called when the test unit failed while the VM is
+	// still up (the keep-on-failure drop-in is installed when it is set).
+	// It returns how long to keep the VM running for inspection; Run then
+	// returns only when QEMU exits, the time is up or ctx ends, with the
+	// test's failure as the outcome. Returning 0 stops the VM at once.
+	KeepOnFailure func(o Outcome) time.Duration
+	// OnReady is called once when the guest reports READY=1 (boot done).
+	OnReady func()
 	Logf   func(format string, args ...any)
 }
 
@@ -117,7 +123,8 @@ func NewMachine(ctx context.Context, cfg Config) (*Machine, error) {
 	}
 	cfg.QEMU = qemu
 
-	creds := append(testUnitCredentials(cfg.Unit), cfg.Credentials...)
+	notifyAddr := fmt.Sprintf("vsock-stream:%d:%d", vsock.HostCID, cfg.NotifyPort)
+	creds := append(testUnitCredentials(cfg.Unit, cfg.KeepOnFailure != nil, notifyAddr), cfg.Credentials...)
 	if err := CheckCredentialSizes(creds); err != nil {
 		return nil, err
 	}
@@ -246,11 +253,8 @@ func (m *Machine) Run(ctx context.Context, started func(pid int)) (*Result, erro
 	cmd.Stdout = stderr
 	cmd.Stderr = stderr
 	cmd.ExtraFiles = cfg.Transport.ExtraFiles()
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: cfg.Detach}
-	if !cfg.Detach {
-		// If the runner is killed outright, the kernel kills QEMU too.
-		cmd.SysProcAttr.Pdeathsig = syscall.SIGKILL
-	}
+	// If the runner is killed outright, the kernel kills QEMU too.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 
 	notifyCtx, stopNotify := context.WithCancel(context.Background())
 	notifyDone := make(chan struct{})
@@ -300,6 +304,9 @@ func (m *Machine) Run(ctx context.Context, started func(pid int)) (*Result, erro
 
 	var killReason string
 	var waitErr error
+	var kept *Outcome // the failure decided while the VM was kept running
+	var keepTimeout <-chan time.Time
+	readyReported := false
 wait:
 	for {
 		select {
@@ -311,6 +318,31 @@ wait:
 				defer t.Stop()
 				shutdownTimeout = t.C
 			}
+			if !readyReported && m.notify.Ready() && cfg.OnReady != nil {
+				readyReported = true
+				cfg.OnReady()
+			}
+			if status, ok := m.notify.TestFailedStatus(); ok && kept == nil && cfg.KeepOnFailure != nil {
+				o := OutcomeFromExitStatus(status, true)
+				kept = &o
+				keepFor := time.Duration(0)
+				if !o.Passed() && !o.Skipped() {
+					keepFor = cfg.KeepOnFailure(o)
+				}
+				if keepFor <= 0 {
+					waitErr = m.kill(exited)
+					break wait
+				}
+				// The test's timeouts no longer apply; the keep time does.
+				timeout, bootTimeout = nil, nil
+				t := time.NewTimer(keepFor)
+				defer t.Stop()
+				keepTimeout = t.C
+			}
+		case <-keepTimeout:
+			cfg.Logf("%s: keep time is up, stopping the VM", cfg.Name)
+			waitErr = m.kill(exited)
+			break wait
 		case <-bootTimeout:
 			if !m.notify.heard() {
 				killReason = fmt.Sprintf("guest did not boot within %s (no message from its service manager over vsock)", cfg.BootTimeout)
@@ -326,7 +358,9 @@ wait:
 			waitErr = m.kill(exited)
 			break wait
 		case <-ctx.Done():
-			killReason = "interrupted: " + context.Cause(ctx).Error()
+			if kept == nil {
+				killReason = "interrupted: " + context.Cause(ctx).Error()
+			}
 			waitErr = m.kill(exited)
 			break wait
 		}
@@ -347,6 +381,9 @@ wait:
 	res.ConsoleTail = consoleTail(cfg.ConsoleLog, 40)
 	res.ExitStatus, res.HasExitStatus = m.notify.ExitStatus()
 	res.Outcome = m.outcome(killReason, waitErr, res)
+	if kept != nil {
+		res.Outcome = *kept
+	}
 	return res, nil
 }
 

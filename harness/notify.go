@@ -43,6 +43,9 @@ type NotifyState struct {
 	mu         sync.Mutex
 	ready      bool
 	exitStatus *int
+	// testStatus is the failed test's status as reported by the
+	// keep-on-failure drop-in while the VM stays up.
+	testStatus *int
 	lastStatus string
 	events     chan NotifyMessage
 	changed    chan struct{}
@@ -60,6 +63,17 @@ func (s *NotifyState) ExitStatus() (int, bool) {
 		return 0, false
 	}
 	return *s.exitStatus, true
+}
+
+// TestFailedStatus returns the status the keep-on-failure drop-in reported
+// for a failed test unit, if it did.
+func (s *NotifyState) TestFailedStatus() (int, bool) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.testStatus == nil {
+		return 0, false
+	}
+	return *s.testStatus, true
 }
 
 // Ready reports whether the guest sent READY=1.
@@ -89,6 +103,15 @@ func (s *NotifyState) apply(m NotifyMessage) {
 			n = -1
 		}
 		s.exitStatus = &n
+	}
+	if _, ok := m[notifyTestResult]; ok {
+		n, err := strconv.Atoi(strings.TrimSpace(m[notifyTestStatus]))
+		if err != nil || n < 0 || n > 255 {
+			// A test killed by a signal or a timeout has no exit status;
+			// any nonzero status that is not 77 fails the test.
+			n = 255
+		}
+		s.testStatus = &n
 	}
 	s.lastStatus = describeNotify(m)
 	s.mu.Unlock()

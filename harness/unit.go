@@ -122,9 +122,19 @@ const EmergencyExitUnit = "vmharness-emergency-exit.service"
 // outside the range a test script normally exits with.
 const EmergencyExitStatus = 124
 
+// Notify fields the keep-on-failure drop-in sends from the guest when the
+// test unit failed, instead of letting its FailureAction end the VM.
+const (
+	notifyTestResult = "X_VMHARNESS_TEST_RESULT"
+	notifyTestStatus = "X_VMHARNESS_TEST_EXIT_STATUS"
+)
+
 // testUnitCredentials returns the credentials that install the test unit,
-// its exit drop-in and the emergency-exit unit in the guest.
-func testUnitCredentials(u TestUnit) []Credential {
+// its exit drop-in and the emergency-exit unit in the guest. With
+// keepOnFailure the unit's failure does not end the VM: an ExecStopPost
+// reports it over the notify socket (notifyAddr) and the VM stays up for
+// inspection.
+func testUnitCredentials(u TestUnit, keepOnFailure bool, notifyAddr string) []Credential {
 	// With systemd.unit=TEST.service nothing pulls in basic.target (a
 	// service is only ordered after it), so sockets.target and with it
 	// systemd-ssh-generator's sshd-vsock.socket would never start.
@@ -138,6 +148,13 @@ FailureAction=exit
 StandardOutput=journal+console
 StandardError=journal+console
 `, GuestStatusPass)
+	if keepOnFailure {
+		dropin = strings.Replace(dropin, "FailureAction=exit\n", "FailureAction=none\n", 1)
+		// $SERVICE_RESULT and $EXIT_STATUS are set for ExecStopPost;
+		// systemd-notify speaks vsock-stream addresses since systemd 256.
+		dropin += fmt.Sprintf(`ExecStopPost=/bin/sh -c 'test "$SERVICE_RESULT" = success || NOTIFY_SOCKET=%s exec systemd-notify %s="$SERVICE_RESULT" %s="$EXIT_STATUS"'
+`, notifyAddr, notifyTestResult, notifyTestStatus)
+	}
 	emergency := fmt.Sprintf(`[Unit]
 Description=End the test VM when it falls into emergency mode
 DefaultDependencies=no

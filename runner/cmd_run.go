@@ -104,6 +104,9 @@ func cmdRun(ctx context.Context, env *cliEnv, args []string) int {
 		fmt.Fprintf(env.stderr, "vmharness run: %v\n", err)
 		return harness.ExitHarnessError
 	}
+	if opts.keepVM > 0 && !opts.interactive && env.getenv(supervisorFDEnv) == "" {
+		return runDetached(ctx, env, args)
+	}
 	r := &testRun{env: env, opts: opts}
 	return r.run(ctx)
 }

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -31,6 +32,9 @@ type testRun struct {
 	env      *cliEnv
 	opts     *runOptions
 	cleanups []func()
+	// detached is set once a kept VM's result went to the foreground
+	// process; later output goes to the keeper's log only.
+	detached bool
 }
 
 func (r *testRun) logf(format string, args ...any) {
@@ -168,6 +172,27 @@ func (r *testRun) run(ctx context.Context) int {
 		harness.Credential{Name: "journal.storage", Value: []byte("volatile")},
 		harness.Credential{Name: "ssh.authorized_keys.root", Value: []byte(pubKey + "\n")},
 	)
+	// The VM runs until the test ends; in shell mode until the shell does.
+	runCtx, cancelRun := context.WithCancelCause(ctx)
+	defer cancelRun(nil)
+	var shellDone chan int
+	var onReady func()
+	if opts.interactive {
+		shellDone = make(chan int, 1)
+		onReady = func() {
+			go func() {
+				shellDone <- r.shell(name)
+				cancelRun(errShellExited)
+			}()
+		}
+		r.logf("%s: shell mode: the test unit is installed but not started; the shell opens when the guest has booted", name)
+	}
+	var keepOnFailure func(harness.Outcome) time.Duration
+	if handoff := newKeeperHandoff(getenv); handoff != nil && opts.keepVM > 0 {
+		keepOnFailure = func(o harness.Outcome) time.Duration {
+			return r.keep(reg_, handoff, name, transport.CID(), workDir, o)
+		}
+	}
 	bootTimeout := opts.bootTimeout
 	if bootTimeout == 0 {
 		bootTimeout = 30 * time.Second * accel.TimeoutScale()
@@ -190,6 +215,9 @@ func (r *testRun) run(ctx context.Context) int {
 		NotifyPort:     notifyPort,
 		Timeout:        opts.timeout,
 		BootTimeout:    bootTimeout,
+		SkipTestUnit:   opts.interactive,
+		OnReady:        onReady,
+		KeepOnFailure:  keepOnFailure,
 		Logf:           r.logf,
 	})
 	if err != nil {
@@ -198,7 +226,7 @@ func (r *testRun) run(ctx context.Context) int {
 	}
 
 	r.logf("%s: booting on %s, vsock %s CID %d", name, accel, transport.Kind(), transport.CID())
-	res, err := m.Run(ctx, func(pid int) {
+	res, err := m.Run(runCtx, func(pid int) {
 		reg_.Update(func(e *registry.Entry) { e.QEMUPID = pid })
 	})
 	if err != nil {
@@ -210,6 +238,13 @@ func (r *testRun) run(ctx context.Context) int {
 	journalErr := journal.finish()
 
 	outcome := res.Outcome
+	if shellDone != nil {
+		select {
+		case code := <-shellDone:
+			return code
+		default:
+		}
+	}
 	r.report(name, unit, res, journal)
 	if journalErr != nil {
 		r.logf("%s: journal: %v", name, journalErr)
@@ -224,10 +259,58 @@ func (r *testRun) run(ctx context.Context) int {
 	return outcome.ExitCode
 }
 
+// errShellExited ends a shell-mode run once the user's ssh session ends.
+var errShellExited = errors.New("the shell session ended")
+
+// shell runs an interactive ssh session into the VM and returns its exit
+// code. It runs while the VM is up, with the user's terminal.
+func (r *testRun) shell(name string) int {
+	argv, err := sshArgv(r.env, []string{name})
+	if err != nil {
+		r.logf("shell: %v", err)
+		return exitHarnessError
+	}
+	cmd := exec.Command(argv[0], argv[1:]...)
+	cmd.Stdin, cmd.Stdout, cmd.Stderr = r.env.stdin, r.env.stdout, r.env.stderr
+	if err := cmd.Run(); err != nil && cmd.ProcessState == nil {
+		r.logf("shell: %v", err)
+		return exitHarnessError
+	}
+	return cmd.ProcessState.ExitCode()
+}
+
+// keep hands a failed test's result to the foreground process and keeps the
+// VM running for opts.keepVM, printing how to get in and how to stop it.
+func (r *testRun) keep(g *registry.Registration, handoff *keeperHandoff, name string, cid uint32, workDir string, o harness.Outcome) time.Duration {
+	until := time.Now().Add(r.opts.keepVM)
+	if err := g.Update(func(e *registry.Entry) { e.KeptUntil = until }); err != nil {
+		r.logf("%s: cannot keep the VM: %v", name, err)
+		return 0
+	}
+	self, err := os.Executable()
+	if err != nil {
+		self = "vmharness"
+	}
+	r.logf("%s: FAIL: %s", name, o.Reason)
+	r.logf("%s: the VM is kept running until %s (CID %d) for you to look around:", name, until.Format("15:04"), cid)
+	r.logf("    ssh:  %s ssh %s", self, name)
+	r.logf("    stop: %s stop %s", self, name)
+	if err := handoff.detach(o.ExitCode, filepath.Join(workDir, "keeper.log")); err != nil {
+		r.logf("%s: handing over the result: %v", name, err)
+		return 0
+	}
+	r.detached = true
+	return r.opts.keepVM
+}
+
 // report prints the outcome: one line for a pass or skip, the reason, the
 // console's last lines and the journal summary for a failure.
 func (r *testRun) report(name string, unit harness.TestUnit, res *harness.Result, journal *journalRun) {
 	o := res.Outcome
+	if r.detached {
+		r.logf("%s: kept VM stopped", name)
+		return
+	}
 	elapsed := res.Elapsed.Round(100 * time.Millisecond)
 	switch {
 	case o.Passed():
