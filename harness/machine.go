@@ -66,7 +66,7 @@ type Config struct {
 	KeepOnFailure func(o Outcome) time.Duration
 	// OnReady is called once when the guest reports READY=1 (boot done).
 	OnReady func()
-	Logf   func(format string, args ...any)
+	Logf    func(format string, args ...any)
 }
 
 // Result is what one VM run produced.
