@@ -170,7 +170,8 @@ func (m *Machine) KernelCommandLine() string {
 	args := []string{
 		"console=ttyS0",
 		"root=/dev/vda", "rw",
-		// A panic reboots at once; QEMU's -no-reboot turns that into exit.
+		// Should a panic happen before the pvpanic driver is loaded, reboot
+		// at once rather than hang; the boot timeout then ends the loop.
 		"panic=-1", "oops=panic",
 		"systemd.crash_shell=0",
 		"systemd.crash_action=poweroff",
@@ -210,7 +211,10 @@ func (m *Machine) qemuArgs(smbiosArgs []string) []string {
 		"-machine", "q35,memory-backend=mem,smbios-entry-point-type=64",
 		"-nodefaults", "-display", "none", "-vga", "none",
 		"-nic", "none",
-		"-no-reboot",
+		// Guest reboots are allowed (a test may reboot); a panic ends the
+		// VM through the pvpanic device instead of rebooting.
+		"-device", "pvpanic",
+		"-action", "panic=exit-failure",
 		"-chardev", "file,id=console,path=" + cfg.ConsoleLog,
 		"-serial", "chardev:console",
 		"-kernel", cfg.Image.Kernel,
@@ -396,6 +400,11 @@ func (m *Machine) outcome(killReason string, waitErr error, res *Result) Outcome
 	}
 	if line := findPanic(res.ConsoleTail); line != "" {
 		return Outcome{ExitCode: ExitFail, Reason: "guest kernel panicked: " + line}
+	}
+	if waitErr != nil && m.notify.heard() {
+		// pvpanic makes QEMU exit with a failure status; the console may
+		// not have flushed the panic message.
+		return Outcome{ExitCode: ExitFail, Reason: "guest kernel panicked (QEMU exited on the pvpanic event: " + waitErr.Error() + ")"}
 	}
 	if waitErr != nil && !m.notify.heard() {
 		// QEMU failed before the guest got anywhere: a harness problem

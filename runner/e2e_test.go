@@ -2,11 +2,10 @@ package main
 
 import (
 	"bytes"
-	"context"
-	"encoding/json"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"sync"
 	"syscall"
 	"testing"
@@ -180,23 +179,173 @@ func TestE2ESIGTERM(t *testing.T) {
 	assert.NoError(t, err)
 }
 
-// TestE2EJournalKept checks the journal policy end to end: a failed test's
-// journal is a real journal file that journalctl reads.
-func TestE2EJournalKept(t *testing.T) {
+// TestE2EJournalFlood checks that nothing is lost at the end: 20,000 lines
+// and a marker logged right before the unit fails (and FailureAction powers
+// the VM off) are all in the kept journal, and the failure summary shows
+// the marker.
+func TestE2EJournalFlood(t *testing.T) {
 	requireE2E(t)
-	r := startRun(t, "--name", "journalfail", testUnitPath("fail.service"))
+	r := startRun(t, "--name", "flood", filepath.Join("testdata", "journal-flood.service"))
 	r.wait(t)
 	require.Equal(t, 1, r.exitCode)
-	path := filepath.Join(r.jdir, "journalfail.journal")
-	out, err := exec.CommandContext(context.Background(), "journalctl", "--file="+path, "-u", "fail.service", "-o", "json", "--no-pager").Output()
+	path := filepath.Join(r.jdir, "flood.journal")
+	out, err := exec.Command("journalctl", "--file="+path, "-u", "journal-flood.service", "-o", "cat", "--no-pager").Output()
 	require.NoError(t, err)
-	found := false
-	for _, line := range bytes.Split(out, []byte("\n")) {
-		var e map[string]any
-		if json.Unmarshal(line, &e) == nil && e["MESSAGE"] == "this test fails on purpose" {
-			found = true
+	lines := 0
+	marker := false
+	for _, l := range bytes.Split(out, []byte("\n")) {
+		if bytes.HasPrefix(l, []byte("flood line ")) {
+			lines++
+		}
+		if string(l) == "VMHARNESS-FINAL-MARKER" {
+			marker = true
 		}
 	}
-	assert.True(t, found, "the failing unit's output is not in %s", path)
-	assert.Contains(t, r.stderr.String(), "journalctl --file="+path)
+	assert.Equal(t, 20000, lines, "numbered lines in the journal")
+	assert.True(t, marker, "final marker in the journal")
+	assert.Contains(t, r.stderr.String(), "VMHARNESS-FINAL-MARKER", "the failure summary shows the unit's last lines")
+	assert.Contains(t, r.stderr.String(), "journalctl --file="+path, "the failure summary says how to read the journal")
+}
+
+// TestE2EReboot checks that a guest rebooting inside a test keeps one
+// readable journal with both boots, and still reports its result.
+func TestE2EReboot(t *testing.T) {
+	requireE2E(t)
+	r := startRun(t, "--name", "reboot", "--keep-journal", "always", filepath.Join("testdata", "test-reboot.service"))
+	r.wait(t)
+	require.Equal(t, 0, r.exitCode)
+	path := filepath.Join(r.jdir, "reboot.journal")
+	out, err := exec.Command("journalctl", "--file="+path, "--list-boots", "--no-pager").Output()
+	require.NoError(t, err)
+	boots := 0
+	for _, l := range bytes.Split(bytes.TrimSpace(out), []byte("\n")) {
+		if len(bytes.Fields(l)) > 1 && !bytes.Contains(l, []byte("IDX")) {
+			boots++
+		}
+	}
+	assert.Equal(t, 2, boots, "boots in the journal:\n%s", out)
+	out, err = exec.Command("journalctl", "--file="+path, "-u", "test-reboot.service", "-o", "cat", "--no-pager").Output()
+	require.NoError(t, err)
+	assert.Contains(t, string(out), "first boot, rebooting")
+	assert.Contains(t, string(out), "second boot")
+}
+
+// sshEnv returns the environment for ssh and vmharness commands that must
+// see the run's registry.
+func (r *e2eRun) env() []string {
+	return append(os.Environ(), "VMHARNESS_RUNTIME_DIR="+r.runtime)
+}
+
+// waitForSSH retries until sshd in the guest answers (it is socket
+// activated and slow to start under TCG).
+func waitForSSH(t *testing.T, r *e2eRun, cfg, host string) {
+	t.Helper()
+	deadline := time.Now().Add(5 * time.Minute)
+	for {
+		cmd := exec.Command("ssh", "-F", cfg, "-o", "ConnectTimeout=60", host, "true")
+		cmd.Env = r.env()
+		out, err := cmd.CombinedOutput()
+		if err == nil {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("ssh %s never worked: %v: %s", host, err, out)
+		}
+		time.Sleep(3 * time.Second)
+	}
+}
+
+// TestE2ESSH uses the real OpenSSH client through the generated config:
+// commands, scp both ways and `vmharness ssh`, while the test runs; then
+// ends the test over ssh.
+func TestE2ESSH(t *testing.T) {
+	requireE2E(t)
+	bin := vmharnessBinary(t)
+	r := startRun(t, "--name", "sshtest", filepath.Join("testdata", "ssh-wait.service"))
+	reg, err := registry.Open(r.runtime)
+	require.NoError(t, err)
+	var entry registry.Entry
+	require.Eventually(t, func() bool {
+		entry, err = reg.Lookup("sshtest")
+		return err == nil && entry.QEMUPID > 0
+	}, 10*time.Minute, 200*time.Millisecond)
+
+	cfg := filepath.Join(t.TempDir(), "ssh_config")
+	gen := exec.Command(bin, "ssh-config", "--output", cfg)
+	gen.Env = r.env()
+	out, err := gen.CombinedOutput()
+	require.NoError(t, err, "%s", out)
+
+	host := "vsock/" + strconv.FormatUint(uint64(entry.CID), 10)
+	waitForSSH(t, r, cfg, host)
+
+	run := func(args ...string) string {
+		cmd := exec.Command(args[0], args[1:]...)
+		cmd.Env = r.env()
+		out, err := cmd.CombinedOutput()
+		require.NoError(t, err, "%v: %s", args, out)
+		return string(out)
+	}
+	assert.Contains(t, run("ssh", "-F", cfg, host, "cat", "/etc/os-release"), "trixie")
+	assert.Equal(t, "active\n", run("ssh", "-F", cfg, host, "systemctl", "is-active", "sshd-vsock.socket"))
+
+	local := filepath.Join(t.TempDir(), "in.txt")
+	require.NoError(t, os.WriteFile(local, []byte("copied in by scp\n"), 0o644))
+	run("scp", "-F", cfg, local, host+":/root/in.txt")
+	assert.Equal(t, "copied in by scp\n", run("ssh", "-F", cfg, host, "cat", "/root/in.txt"))
+	back := filepath.Join(t.TempDir(), "hostname")
+	run("scp", "-F", cfg, host+":/etc/hostname", back)
+	got, err := os.ReadFile(back)
+	require.NoError(t, err)
+	assert.Equal(t, "vmharness\n", string(got))
+
+	assert.Contains(t, run(bin, "ssh", "sshtest", "--", "cat", "/etc/os-release"), "Debian")
+	assert.Contains(t, run(bin, "ps"), "sshtest")
+
+	run(bin, "ssh", "sshtest", "--", "touch", "/run/finish-test")
+	r.wait(t)
+	assert.Equal(t, 0, r.exitCode)
+	r.assertNothingLeft(t, entry.QEMUPID)
+}
+
+// TestE2EKeepFailedVM: a failed test's VM stays up after the runner has
+// exited with the failure, answers ssh, and `vmharness stop` removes it and
+// everything it left.
+func TestE2EKeepFailedVM(t *testing.T) {
+	requireE2E(t)
+	bin := vmharnessBinary(t)
+	r := startRun(t, "--name", "kept", "--keep-failed-vm", "10m", testUnitPath("fail.service"))
+	r.wait(t)
+	require.Equal(t, 1, r.exitCode)
+	assert.Contains(t, r.stderr.String(), "test exited with status 3")
+	assert.Contains(t, r.stderr.String(), "stop kept")
+
+	reg, err := registry.Open(r.runtime)
+	require.NoError(t, err)
+	entry, err := reg.Lookup("kept")
+	require.NoError(t, err, "the kept VM is registered")
+	assert.True(t, entry.Kept())
+	t.Cleanup(func() { syscall.Kill(entry.QEMUPID, syscall.SIGKILL); syscall.Kill(entry.RunnerPID, syscall.SIGKILL) })
+
+	cfg := filepath.Join(t.TempDir(), "ssh_config")
+	gen := exec.Command(bin, "ssh-config", "--output", cfg)
+	gen.Env = r.env()
+	out, err := gen.CombinedOutput()
+	require.NoError(t, err, "%s", out)
+	waitForSSH(t, r, cfg, "machine/kept")
+
+	ssh := exec.Command(bin, "ssh", "kept", "--", "systemctl", "is-failed", "fail.service")
+	ssh.Env = r.env()
+	out, err = ssh.CombinedOutput()
+	require.NoError(t, err, "%s", out)
+	assert.Equal(t, "failed\n", string(out), "the failed unit's state is intact")
+
+	stop := exec.Command(bin, "stop", "kept")
+	stop.Env = r.env()
+	out, err = stop.CombinedOutput()
+	require.NoError(t, err, "%s", out)
+	require.Eventually(t, func() bool {
+		return syscall.Kill(entry.RunnerPID, 0) == syscall.ESRCH
+	}, time.Minute, 200*time.Millisecond, "the keeper exits after stop")
+	r.assertNothingLeft(t, entry.QEMUPID)
 }

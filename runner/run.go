@@ -195,7 +195,7 @@ func (r *testRun) run(ctx context.Context) int {
 	}
 	bootTimeout := opts.bootTimeout
 	if bootTimeout == 0 {
-		bootTimeout = 30 * time.Second * accel.TimeoutScale()
+		bootTimeout = 45 * time.Second * accel.TimeoutScale()
 	}
 	m, err := harness.NewMachine(ctx, harness.Config{
 		Name:           name,

@@ -460,13 +460,16 @@ func (c *Conn) credit() int {
 }
 
 // maybeCreditUpdate tells the guest about consumed data once the space it
-// believes it has falls below half the buffer; c.mu is held.
+// believes it has falls below half the buffer, or once the reader has
+// drained the buffer. The second case matters because a sender may stall
+// well before using half of our buffer: Linux caps its credit at its own
+// socket buffer size, which can be smaller than ours. c.mu is held.
 func (c *Conn) maybeCreditUpdate() {
 	if c.fwdCnt == c.lastFwdSent || c.removed || c.needRST || c.state != stateEstablished {
 		return
 	}
 	believed := c.bufAlloc - (c.rxCnt - c.lastFwdSent)
-	if believed < c.bufAlloc/2 && !c.needCreditUpdate {
+	if (believed < c.bufAlloc/2 || c.rbuf.len() == 0) && !c.needCreditUpdate {
 		c.needCreditUpdate = true
 		c.schedule(true)
 	}

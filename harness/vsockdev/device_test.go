@@ -270,6 +270,22 @@ func TestCreditExhaustion(t *testing.T) {
 			assert.Greater(t, e.g.seen(OpCreditRequest), int64(0), "the device asked for credit")
 			hc.Close()
 		})
+		t.Run("guest caps its credit", func(t *testing.T) {
+			// The guest never uses more than 32 KiB of the host's
+			// 1 MiB: the host must not wait for half its buffer
+			// to be used before it sends credit updates.
+			e := b.new(t, Config{BufferSize: 1 << 20}, guestOptions{bufAlloc: 32 << 10, capCredit: true})
+			l, err := e.dev.Listen(1000)
+			require.NoError(t, err)
+			gs, err := e.g.Dial(1000)
+			require.NoError(t, err)
+			hc, err := l.Accept()
+			require.NoError(t, err)
+			// A stall would otherwise hang the test.
+			require.NoError(t, hc.SetReadDeadline(time.Now().Add(20*time.Second)))
+			transfer(t, gs, hc, 4<<20, gs.CloseWrite)
+			hc.Close()
+		})
 		t.Run("slow host reader", func(t *testing.T) {
 			e := b.new(t, Config{BufferSize: 16 << 10}, guestOptions{})
 			l, err := e.dev.Listen(1000)

@@ -31,6 +31,10 @@ type guestOptions struct {
 	rxBuffers int
 	// lazyCredit: send CREDIT_UPDATE only in reply to CREDIT_REQUEST.
 	lazyCredit bool
+	// capCredit: never have more than bufAlloc in flight, whatever the
+	// host advertises (as Linux does since it caps peer credit at its
+	// own buffer size).
+	capCredit bool
 	// txSlots bounds the tx chains in flight.
 	txSlots int
 	// maxBuffer is the largest single buffer the queue takes.
@@ -452,11 +456,15 @@ func (s *gsock) handle(h *Header, payload []byte) {
 }
 
 func (s *gsock) credit() int {
+	limit := s.peerBufAlloc
+	if s.g.opts.capCredit {
+		limit = min(limit, s.g.opts.bufAlloc)
+	}
 	inflight := s.txCnt - s.peerFwdCnt
-	if inflight >= s.peerBufAlloc {
+	if inflight >= limit {
 		return 0
 	}
-	return int(s.peerBufAlloc - inflight)
+	return int(limit - inflight)
 }
 
 var errGuestReset = errors.New("guest socket: connection reset")

@@ -41,7 +41,7 @@ func TestQEMU(t *testing.T) {
 	dir := t.TempDir()
 	initrd := buildGuestInitrd(t, dir, modules)
 
-	dev := New(Config{GuestCID: 3, Logf: t.Logf, BufferSize: 1 << 20})
+	dev := New(Config{GuestCID: 3, Logf: t.Logf})
 	defer dev.Close()
 	toHost, err := dev.Listen(1000)
 	require.NoError(t, err)
