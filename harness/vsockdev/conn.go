@@ -68,8 +68,11 @@ type Conn struct {
 	rxCnt       uint32 // bytes received, wrapping
 	fwdCnt      uint32 // bytes consumed by the reader, wrapping
 	lastFwdSent uint32 // fwdCnt in the last packet sent to the guest
-	peerShut    uint32 // shutdown flags the guest sent
-	peerReset   bool
+	// The most data the guest has had in flight (sent, not announced
+	// as consumed): a lower bound of its sending window.
+	peakInflight uint32
+	peerShut     uint32 // shutdown flags the guest sent
+	peerReset    bool
 
 	// Host→guest.
 	sbuf            ring
@@ -97,9 +100,12 @@ func (c *Conn) opError(op string, err error) error {
 	return &net.OpError{Op: op, Net: network, Source: c.LocalAddr(), Addr: c.RemoteAddr(), Err: err}
 }
 
-// Read reads data the guest sent. It returns io.EOF once the guest has shut
-// down its sending side (or closed the connection) and the buffered data is
-// consumed.
+// Read reads data the guest sent. Buffered data is always returned first.
+// Then Read returns io.EOF if the guest shut down its sending side, closed
+// or reset the connection (as Linux reports a peer's RST), and otherwise
+// the connection's error: ErrDeviceStopped, ErrDeviceClosed, or
+// ECONNRESET when the host reset it (for example because the guest sent
+// beyond its credit).
 func (c *Conn) Read(p []byte) (int, error) {
 	for {
 		c.mu.Lock()
@@ -427,6 +433,7 @@ func (c *Conn) receive(h *Header, p payload) {
 		return
 	}
 	c.rxCnt += uint32(n)
+	c.peakInflight = max(c.peakInflight, c.rxCnt-c.lastFwdSent)
 	if c.closed {
 		c.fwdCnt += uint32(n) // nobody reads any more
 		return
@@ -461,15 +468,19 @@ func (c *Conn) credit() int {
 
 // maybeCreditUpdate tells the guest about consumed data once the space it
 // believes it has falls below half the buffer, or once the reader has
-// drained the buffer. The second case matters because a sender may stall
-// well before using half of our buffer: Linux caps its credit at its own
-// socket buffer size, which can be smaller than ours. c.mu is held.
+// drained the buffer after at least half of the most the guest ever had in
+// flight. The second case matters because a sender may stall well before
+// using half of our buffer (Linux caps its credit at its own socket buffer
+// size, which can be smaller than ours); at such a stall the data in
+// flight is the sender's limit, which is at least the peak seen. c.mu is
+// held.
 func (c *Conn) maybeCreditUpdate() {
 	if c.fwdCnt == c.lastFwdSent || c.removed || c.needRST || c.state != stateEstablished {
 		return
 	}
-	believed := c.bufAlloc - (c.rxCnt - c.lastFwdSent)
-	if (believed < c.bufAlloc/2 || c.rbuf.len() == 0) && !c.needCreditUpdate {
+	inflight := c.rxCnt - c.lastFwdSent // as the guest sees it
+	drained := c.rbuf.len() == 0 && inflight >= c.peakInflight/2
+	if (c.bufAlloc-inflight < c.bufAlloc/2 || drained) && !c.needCreditUpdate {
 		c.needCreditUpdate = true
 		c.schedule(true)
 	}

@@ -120,9 +120,10 @@ var _ vhostuser.Device = (*Device)(nil)
 
 // worker is one Start..Stop run of the queue-processing goroutine.
 type worker struct {
-	rx, tx virtq.Queue
-	stop   chan struct{}
-	done   chan struct{}
+	rx, tx   virtq.Queue
+	stop     chan struct{}
+	stopOnce sync.Once
+	done     chan struct{}
 }
 
 // New returns a stopped device for the guest cfg.GuestCID.
@@ -190,16 +191,24 @@ func (d *Device) Kick(index int) { d.signal() }
 // Stop implements vhostuser.Device. It returns once the queue goroutine has
 // exited; the connections that were open fail with ErrDeviceStopped.
 // Listeners stay open for the next Start.
+//
+// Concurrent Stops (Close, and the vhost-user server on a disconnect) all
+// wait for the goroutine: the server unmaps guest memory as soon as its
+// Stop returns, so no Stop may return while the worker can still touch it.
 func (d *Device) Stop() {
 	d.mu.Lock()
 	w := d.worker
-	d.worker = nil
 	d.mu.Unlock()
 	if w == nil {
 		return
 	}
-	close(w.stop)
+	w.stopOnce.Do(func() { close(w.stop) })
 	<-w.done
+	d.mu.Lock()
+	if d.worker == w {
+		d.worker = nil
+	}
+	d.mu.Unlock()
 	d.failAll(ErrDeviceStopped)
 }
 

@@ -252,6 +252,16 @@ func (g *guest) sendRaw(h Header, payload []byte) error {
 
 // sendChain puts one chain of readable buffers on the tx queue.
 func (g *guest) sendChain(bufs [][]byte) error {
+	// Callers may be the test's own goroutines: stop waits for sends in
+	// progress so the queues outlive them.
+	g.goMu.Lock()
+	if g.stopped {
+		g.goMu.Unlock()
+		return context.Canceled
+	}
+	g.wg.Add(1)
+	g.goMu.Unlock()
+	defer g.wg.Done()
 	select {
 	case g.txSlots <- struct{}{}:
 	case <-g.ctx.Done():

@@ -38,10 +38,19 @@ func TestQEMU(t *testing.T) {
 	if err != nil {
 		t.Skip("qemu-system-x86_64 is not installed")
 	}
-	dir := t.TempDir()
-	initrd := buildGuestInitrd(t, dir, modules)
+	initrd := buildGuestInitrd(t, t.TempDir(), modules)
+	// A buffer larger than the guest's own exercises the credit updates
+	// for a sender that caps its credit (Linux does).
+	for _, size := range []uint32{0, 1 << 20} {
+		t.Run(fmt.Sprintf("buffer=%d", size), func(t *testing.T) {
+			bootQEMU(t, qemu, kernel, initrd, size)
+		})
+	}
+}
 
-	dev := New(Config{GuestCID: 3, Logf: t.Logf})
+func bootQEMU(t *testing.T, qemu, kernel, initrd string, bufferSize uint32) {
+	dir := t.TempDir()
+	dev := New(Config{GuestCID: 3, Logf: t.Logf, BufferSize: bufferSize})
 	defer dev.Close()
 	toHost, err := dev.Listen(1000)
 	require.NoError(t, err)

@@ -1,0 +1,142 @@
+package main
+
+import (
+	"fmt"
+	"strings"
+)
+
+// The guest side of the benchmark is one oneshot service running a shell
+// script. The script travels as a system credential (not in the unit text)
+// so it needs no escaping of systemd's specifiers and variables.
+const (
+	unitName       = "vsockbench.service"
+	scriptCredName = "vsockbench.sh"
+)
+
+// Ports. Host ports (CID 2) are private to this VM with the userspace
+// transport; guest ports are the guest's own.
+const (
+	ctlPort      = 5000 // host: the guest's control requests, one per connection
+	g2hPort      = 5001 // host: guest→host stream, vsock listener in this process
+	g2hUnixPort  = 5002 // host: guest→host stream, through the transport's Unix socket fallback
+	h2gPort      = 6001 // guest: host→guest stream, host Dials
+	h2gHybPort   = 6002 // guest: host→guest stream, host CONNECTs through the hybrid socket
+	latencyPort  = 6003 // guest: accept-and-close loop for the connection latency
+	journalBegin = "VSOCKBENCH-JOURNAL-BEGIN"
+	journalEnd   = "VSOCKBENCH-JOURNAL-END"
+	linePrefix   = "bench-journal "
+)
+
+// unitText is the test unit. Journald must not rate-limit the journal phase,
+// and the default start timeout would cut a slow run short.
+const unitText = `[Unit]
+Description=vsockbench: guest side of the vsock and journal benchmarks
+
+[Service]
+Type=oneshot
+LoadCredential=` + scriptCredName + `
+ExecStart=/bin/sh %d/` + scriptCredName + `
+LogRateLimitIntervalSec=0
+TimeoutStartSec=infinity
+`
+
+// guestParams are the sizes the guest script uses.
+type guestParams struct {
+	Bytes     int64 // per throughput phase
+	BlockSize int   // socat's and the sink's read/write size
+	Lines     int   // journal lines
+	LineLen   int   // bytes per journal line, without the newline
+}
+
+// journalLinePad is the filler that makes each journal line LineLen bytes:
+// the prefix and a 6-digit sequence number and a blank come first.
+func (p guestParams) journalLinePad() string {
+	n := p.LineLen - len(linePrefix) - 7
+	if n < 1 {
+		n = 1
+	}
+	return strings.Repeat("x", n)
+}
+
+// guestScript returns the script the test unit runs. Each phase is
+// bracketed by control requests (ctl), which the host answers only once its
+// side of the phase is done, so the phases never overlap.
+func guestScript(p guestParams) string {
+	return fmt.Sprintf(`set -eu
+N=%d
+B=%d
+LINES=%d
+PAD=%s
+CTL=%d
+
+# ctl sends one request line to the host and prints its one-line answer.
+# -t: after sending, wait for the answer (the host may take minutes).
+ctl() { printf '%%s\n' "$*" | socat -t 3600 - "VSOCK-CONNECT:2:$CTL"; }
+ns() { date +%%s%%N; }
+
+# Perl (perl-base is essential) stands in where socat cannot help: a sink
+# that counts what it received, and an accept loop that spawns nothing
+# per connection. AF_VSOCK is 40; struct sockaddr_vm is family, reserved,
+# port, cid (VMADDR_CID_ANY), flags, 3 zero bytes.
+cat >/run/vsockbench.pl <<'EOF'
+use strict;
+my ($mode, $port, $bs) = @ARGV;
+socket(my $s, 40, 1, 0) or die "socket: $!";
+bind($s, pack("SSLLCx3", 40, 0, $port, 0xFFFFFFFF, 0)) or die "bind port $port: $!";
+listen($s, 128) or die "listen: $!";
+alarm 900;
+if ($mode eq "count") {
+	accept(my $c, $s) or die "accept: $!";
+	my ($total, $n, $buf) = (0);
+	$total += $n while ($n = sysread($c, $buf, $bs)) > 0;
+	defined $n or die "read: $!";
+	close $c;
+	print "$total\n";
+} else {
+	while (accept(my $c, $s)) { close $c }
+}
+EOF
+
+ctl hello >/dev/null
+
+# Baseline: the same socat moving the same bytes without vsock, so the
+# guest's own cost shows.
+t0=$(ns)
+socat -u -b "$B" "OPEN:/dev/zero,readbytes=$N" OPEN:/dev/null
+t1=$(ns)
+ctl "baseline $((t1 - t0))" >/dev/null
+
+t0=$(ns)
+socat -u -b "$B" "OPEN:/dev/zero,readbytes=$N" "VSOCK-CONNECT:2:%d"
+t1=$(ns)
+ctl "g2h-end $((t1 - t0))" >/dev/null
+
+t0=$(ns)
+socat -u -b "$B" "OPEN:/dev/zero,readbytes=$N" "VSOCK-CONNECT:2:%d"
+t1=$(ns)
+ctl "g2h-unix-end $((t1 - t0))" >/dev/null
+
+for phase in "h2g %d" "h2g-hybrid %d"; do
+	set -- $phase
+	perl /run/vsockbench.pl count "$2" "$B" >/run/vsockbench.count &
+	sink=$!
+	ctl "$1 $2" >/dev/null
+	wait "$sink"
+	ctl "$1-count $(cat /run/vsockbench.count)" >/dev/null
+done
+
+perl /run/vsockbench.pl accept %d &
+acceptor=$!
+ctl "latency %d" >/dev/null
+kill "$acceptor"
+
+echo %s
+seq -f "%s%%06.0f $PAD" 1 "$LINES"
+echo %s
+ctl journal-wait >/dev/null
+
+ctl done >/dev/null
+`, p.Bytes, p.BlockSize, p.Lines, p.journalLinePad(), ctlPort,
+		g2hPort, g2hUnixPort, h2gPort, h2gHybPort, latencyPort, latencyPort,
+		journalBegin, linePrefix, journalEnd)
+}

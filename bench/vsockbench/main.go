@@ -1,0 +1,354 @@
+// Command vsockbench measures the data paths of one vmharness VM: vsock
+// throughput in both directions (through the transport's Listen and Dial,
+// its Unix socket fallback and its hybrid CONNECT socket), connection setup
+// latency, and the rate at which the guest journal reaches the journal file.
+//
+// It boots one VM from the cached default image, wired as `vmharness run`
+// wires one (vsock transport, notify and journal listeners, credentials,
+// harness.Machine), with a test unit that runs the guest side of every phase
+// in turn. The guest script asks the host for each phase over a control
+// port, and the host answers once its side is done, so the phases never
+// overlap. Along with each rate it prints the CPU that QEMU, this process and
+// systemd-journal-remote used during the phase, as a share of one host core,
+// which tells a guest-bound phase from a host-bound one.
+//
+// Run it with bench/vsock.sh.
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"runtime"
+	"strings"
+	"syscall"
+	"text/tabwriter"
+	"time"
+
+	mdvsock "github.com/mdlayher/vsock"
+
+	"github.com/vmharness/vmharness/harness"
+	"github.com/vmharness/vmharness/harness/vsock"
+	"github.com/vmharness/vmharness/images"
+	"github.com/vmharness/vmharness/journalremote"
+)
+
+type options struct {
+	sizeMiB    int64
+	blockSize  int
+	dials      int
+	lines      int
+	lineLen    int
+	mode       string
+	timeout    time.Duration
+	cpuProfile string
+	keepDir    string
+	verbose    bool
+}
+
+func main() {
+	var o options
+	flag.Int64Var(&o.sizeMiB, "size", 256, "MiB per throughput phase")
+	flag.IntVar(&o.blockSize, "block", 256<<10, "guest socat and sink block size in bytes")
+	flag.IntVar(&o.dials, "dials", 200, "sequential Dials timed for the connection latency")
+	flag.IntVar(&o.lines, "lines", 100000, "journal lines the guest logs")
+	flag.IntVar(&o.lineLen, "line-len", 100, "bytes per journal line")
+	flag.StringVar(&o.mode, "vsock", string(vsock.ModeUser), "vsock backend: user, kernel or auto")
+	flag.DurationVar(&o.timeout, "timeout", 30*time.Minute, "bound on the whole VM run")
+	flag.StringVar(&o.cpuProfile, "cpuprofile", "", "write a CPU profile of this process during the measured phases to `file`")
+	flag.StringVar(&o.keepDir, "keep", "", "keep the journal and console log in `dir`")
+	flag.BoolVar(&o.verbose, "v", false, "log the transport's and QEMU's messages")
+	flag.Parse()
+
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	code, err := run(ctx, o, os.Stdout)
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "vsockbench: %v\n", err)
+	}
+	os.Exit(code)
+}
+
+func logf(format string, args ...any) {
+	fmt.Fprintf(os.Stderr, "vsockbench: "+format+"\n", args...)
+}
+
+// run boots the VM, runs the phases and prints the results to out. It
+// returns 0 when every phase ran and every check passed.
+func run(ctx context.Context, o options, out io.Writer) (int, error) {
+	mode, err := vsock.ParseMode(o.mode)
+	if err != nil {
+		return 2, err
+	}
+	if o.sizeMiB <= 0 || o.dials <= 0 || o.lines <= 0 || o.lineLen < 30 || o.blockSize <= 0 {
+		return 2, errors.New("-size, -dials, -lines and -block must be positive and -line-len at least 30")
+	}
+	recipe, err := images.Default()
+	if err != nil {
+		return 1, err
+	}
+	img, err := images.Resolve(ctx, os.Getenv, recipe, os.Stderr)
+	if err != nil {
+		return 1, err
+	}
+	accel, err := harness.DetectAccel(os.Getenv)
+	if err != nil {
+		return 1, err
+	}
+
+	workDir, err := os.MkdirTemp("", "vsockbench-")
+	if err != nil {
+		return 1, err
+	}
+	defer os.RemoveAll(workDir)
+	outDir := workDir
+	if o.keepDir != "" {
+		if err := os.MkdirAll(o.keepDir, 0o755); err != nil {
+			return 1, err
+		}
+		outDir = o.keepDir
+	}
+
+	quiet := func(string, ...any) {}
+	transportLog := quiet
+	if o.verbose {
+		transportLog = logf
+	}
+	transport, err := vsock.New(ctx, vsock.Config{Mode: mode, RuntimeDir: workDir, Logf: transportLog})
+	if err != nil {
+		return 1, err
+	}
+	defer transport.Close()
+
+	notifyL, notifyPort, err := listenAny(transport)
+	if err != nil {
+		return 1, fmt.Errorf("listening for the guest's notifications: %w", err)
+	}
+	journalL, journalPort, err := listenAny(transport)
+	if err != nil {
+		return 1, fmt.Errorf("listening for the guest's journal: %w", err)
+	}
+	ctlL, err := transport.Listen(ctlPort)
+	if err != nil {
+		return 1, err
+	}
+	defer ctlL.Close()
+	g2hL, err := transport.Listen(g2hPort)
+	if err != nil {
+		return 1, err
+	}
+	defer g2hL.Close()
+	var g2hUnixL net.Listener
+	if transport.Kind() == vsock.KindUser {
+		// A guest connection to a host port nobody Listens on goes to
+		// this Unix socket (see package vsock).
+		g2hUnixL, err = net.Listen("unix", fmt.Sprintf("%s_%d", transport.HybridSocket(), g2hUnixPort))
+	} else {
+		g2hUnixL, err = transport.Listen(g2hUnixPort)
+	}
+	if err != nil {
+		return 1, err
+	}
+	defer g2hUnixL.Close()
+
+	b := &bench{
+		transport:   transport,
+		size:        o.sizeMiB << 20,
+		dials:       o.dials,
+		logf:        logf,
+		profile:     o.cpuProfile,
+		g2hDone:     make(chan throughput, 1),
+		g2hUnixDone: make(chan throughput, 1),
+	}
+	b.journal = newJournalWatch(b.sample)
+	go b.receive(g2hL, "guest→host, vsock Listen", b.g2hDone)
+	go b.receive(g2hUnixL, "guest→host, Unix socket fallback", b.g2hUnixDone)
+
+	collector, err := journalremote.New(journalremote.Config{
+		JournalPath: filepath.Join(outDir, "vsockbench.journal"),
+		TestUnit:    unitName,
+	})
+	if err != nil {
+		return 1, err
+	}
+	if d := collector.Degraded(); d != nil {
+		collector.Close()
+		return 1, fmt.Errorf("the journal phase needs systemd-journal-remote: %w", d)
+	}
+	served := make(chan struct{})
+	go func() {
+		defer close(served)
+		collector.Serve(context.WithoutCancel(ctx), b.journal.listener(journalL))
+	}()
+
+	script := guestScript(guestParams{Bytes: b.size, BlockSize: o.blockSize, Lines: o.lines, LineLen: o.lineLen})
+	m, err := harness.NewMachine(ctx, harness.Config{
+		Name:  "vsockbench",
+		Image: harness.BootImage{Kernel: img.Kernel, Initrd: img.Initrd, Rootfs: img.Rootfs, RootfsFormat: img.RootfsFormat},
+		Unit:  harness.TestUnit{Name: unitName, Text: []byte(unitText)},
+		Credentials: []harness.Credential{
+			{Name: scriptCredName, Value: []byte(script)},
+			{Name: "journal.forward_to_socket", Value: []byte(fmt.Sprintf("vsock-stream:%d:%d", vsock.HostCID, journalPort))},
+			{Name: "journal.storage", Value: []byte("volatile")},
+		},
+		Accel:          accel,
+		WorkDir:        workDir,
+		ConsoleLog:     filepath.Join(outDir, "vsockbench.console.log"),
+		Transport:      transport,
+		NotifyListener: notifyL,
+		NotifyPort:     notifyPort,
+		Timeout:        o.timeout,
+		BootTimeout:    45 * time.Second * accel.TimeoutScale(),
+		Logf:           logf,
+	})
+	if err != nil {
+		collector.Close()
+		return 1, err
+	}
+	go b.serveControl(ctx, ctlL)
+
+	logf("booting on %s, vsock %s; each throughput phase moves %d MiB", accel, transport.Kind(), o.sizeMiB)
+	res, err := m.Run(ctx, func(pid int) { b.qemuPID.Store(int64(pid)) })
+	b.stopProfile()
+	if err != nil {
+		collector.Close()
+		return 1, err
+	}
+	journalErr := collector.Close()
+	<-served
+	summary := collector.Summary()
+
+	distinct, total, countErr := countJournalLines(summary.JournalFiles, o.lines)
+
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	report := &reportData{
+		opts: o, accel: accel, kind: transport.Kind(), outcome: res.Outcome, elapsed: res.Elapsed,
+		baseline: b.baseline, streams: b.streams, lat: b.lat,
+		linesDistinct: distinct, linesTotal: total, unitLines: summary.UnitLinesTotal,
+		journalFiles: summary.JournalFiles,
+	}
+	report.journal, report.journalOK = b.journal.result()
+	problems := append([]string(nil), b.problems...)
+	if !res.Outcome.Passed() {
+		problems = append(problems, "the guest side failed: "+res.Outcome.Reason)
+		for _, l := range res.ConsoleTail {
+			logf("console: %s", l)
+		}
+	}
+	if !b.finished {
+		problems = append(problems, "the guest script did not get to its end")
+	}
+	if journalErr != nil {
+		problems = append(problems, "journal: "+journalErr.Error())
+	}
+	if countErr != nil {
+		problems = append(problems, "reading the journal back: "+countErr.Error())
+	} else if distinct != o.lines {
+		problems = append(problems, fmt.Sprintf("journal: %d of %d lines are in the journal file", distinct, o.lines))
+	}
+	if !report.journalOK {
+		problems = append(problems, "journal: the begin and end markers were not both seen")
+	}
+	report.print(out)
+	for _, p := range problems {
+		fmt.Fprintf(out, "PROBLEM: %s\n", p)
+	}
+	if o.keepDir != "" {
+		fmt.Fprintf(out, "journal and console log kept in %s\n", o.keepDir)
+	}
+	if len(problems) > 0 {
+		return 1, nil
+	}
+	return 0, nil
+}
+
+// listenAny listens on a free host port.
+func listenAny(t vsock.Transport) (net.Listener, uint32, error) {
+	l, err := t.Listen(0)
+	if err != nil {
+		return nil, 0, err
+	}
+	a, ok := l.Addr().(*mdvsock.Addr)
+	if !ok {
+		l.Close()
+		return nil, 0, fmt.Errorf("listener address %v is not a vsock address", l.Addr())
+	}
+	return l, a.Port, nil
+}
+
+type reportData struct {
+	opts      options
+	accel     harness.Accel
+	kind      vsock.Kind
+	outcome   harness.Outcome
+	elapsed   time.Duration
+	baseline  time.Duration
+	streams   []throughput
+	lat       latency
+	journal   journalResult
+	journalOK bool
+
+	linesDistinct, linesTotal int
+	unitLines                 int64
+	journalFiles              []string
+}
+
+func (r *reportData) print(out io.Writer) {
+	host, _ := os.Hostname()
+	fmt.Fprintf(out, "vsockbench %s on %s: accel %s, vsock %s, %d host CPUs, VM run %.1fs\n",
+		time.Now().UTC().Format(time.RFC3339), host, r.accel.Name, r.kind, runtime.NumCPU(), r.elapsed.Seconds())
+	fmt.Fprintf(out, "MB = 10^6 bytes; CPU columns: share of one host core during the phase (QEMU all threads / vsockbench process / systemd-journal-remote)\n\n")
+	tw := tabwriter.NewWriter(out, 0, 0, 2, ' ', tabwriter.AlignRight)
+	fmt.Fprintf(tw, "phase\tamount\ttime\trate\tQEMU\thost\tj-remote\t\n")
+	if r.baseline > 0 {
+		size := r.opts.sizeMiB << 20
+		fmt.Fprintf(tw, "guest-only: socat /dev/zero→/dev/null\t%d MiB\t%.2fs\t%.1f MB/s\t\t\t\t\n",
+			r.opts.sizeMiB, r.baseline.Seconds(), float64(size)/r.baseline.Seconds()/1e6)
+	}
+	for _, t := range r.streams {
+		rate := fmt.Sprintf("%.1f MB/s", t.mbps())
+		if t.err != nil {
+			rate = "FAILED"
+		}
+		fmt.Fprintf(tw, "%s\t%d MiB\t%.2fs\t%s\t%s\t%s\t%s\t\n", t.name, t.got>>20, t.elapsed.Seconds(), rate,
+			pct(t.cpu.qemu), pct(t.cpu.self), pct(t.cpu.children))
+	}
+	if d := sortedCopy(r.lat.dials); len(d) > 0 {
+		fmt.Fprintf(tw, "connect: vsock Dial, sequential\t%d dials\tmedian %s\tp95 %s\t%s\t%s\t%s\t\n",
+			len(d), ms(percentile(d, 50)), ms(percentile(d, 95)), pct(r.lat.cpu.qemu), pct(r.lat.cpu.self), pct(r.lat.cpu.children))
+	}
+	if r.journalOK {
+		j := r.journal
+		s := j.elapsed.Seconds()
+		fmt.Fprintf(tw, "journal: guest journald→journal file\t%d lines\t%.2fs\t%.0f lines/s\t%s\t%s\t%s\t\n",
+			r.opts.lines, s, float64(r.opts.lines)/s, pct(j.cpu.qemu), pct(j.cpu.self), pct(j.cpu.children))
+		fmt.Fprintf(tw, "  as message bytes / export bytes on the wire\t%.1f / %.1f MB\t\t%.2f / %.2f MB/s\t\t\t\t\n",
+			float64(r.opts.lines*(r.opts.lineLen+1))/1e6, float64(j.bytes)/1e6,
+			float64(r.opts.lines*(r.opts.lineLen+1))/s/1e6, float64(j.bytes)/s/1e6)
+	}
+	tw.Flush()
+	if len(r.lat.dials) > 0 {
+		d := sortedCopy(r.lat.dials)
+		fmt.Fprintf(out, "\nconnect latency: min %s, median %s, p95 %s, max %s over %d dials\n",
+			ms(d[0]), ms(percentile(d, 50)), ms(percentile(d, 95)), ms(d[len(d)-1]), len(d))
+	}
+	fmt.Fprintf(out, "journal check: %d of %d lines in the journal file (%d with the prefix, %d lines of the unit in the collector's summary)\n",
+		r.linesDistinct, r.opts.lines, r.linesTotal, r.unitLines)
+	for _, t := range r.streams {
+		if t.note != "" {
+			fmt.Fprintf(out, "%s: %s\n", t.name, t.note)
+		}
+	}
+	fmt.Fprintf(out, "guest outcome: exit %d %s\n", r.outcome.ExitCode, strings.TrimSpace(r.outcome.Reason))
+}
+
+func pct(f float64) string { return fmt.Sprintf("%.0f%%", f*100) }
+
+func ms(d time.Duration) string { return fmt.Sprintf("%.2fms", float64(d)/float64(time.Millisecond)) }

@@ -1,0 +1,406 @@
+package main
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"runtime/pprof"
+	"sort"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/vmharness/vmharness/harness/vsock"
+)
+
+// throughput is one measured stream.
+type throughput struct {
+	name    string
+	want    int64 // bytes the stream should carry
+	got     int64 // bytes that arrived
+	elapsed time.Duration
+	cpu     cpuUse
+	err     error
+	note    string
+}
+
+func (t throughput) mbps() float64 {
+	if t.elapsed <= 0 {
+		return 0
+	}
+	return float64(t.got) / t.elapsed.Seconds() / 1e6
+}
+
+// latency is the connection setup phase.
+type latency struct {
+	dials []time.Duration
+	cpu   cpuUse
+	err   error
+}
+
+// bench is the host side: it answers the guest script's control requests
+// and runs the host end of each phase.
+type bench struct {
+	transport vsock.Transport
+	size      int64
+	dials     int
+	logf      func(format string, args ...any)
+	profile   string // CPU profile file, "" for none
+	journal   *journalWatch
+
+	qemuPID atomic.Int64
+
+	// Guest→host streams, as the readers finish them.
+	g2hDone     chan throughput
+	g2hUnixDone chan throughput
+
+	mu       sync.Mutex
+	baseline time.Duration // guest socat /dev/zero → /dev/null
+	streams  []throughput
+	lat      latency
+	problems []string
+	profFile *os.File // open while profiling
+	finished bool     // the guest said done
+}
+
+func (b *bench) sample() cpuSample { return sampleCPU(int(b.qemuPID.Load())) }
+
+func (b *bench) problem(format string, args ...any) {
+	msg := fmt.Sprintf(format, args...)
+	b.logf("%s", msg)
+	b.mu.Lock()
+	b.problems = append(b.problems, msg)
+	b.mu.Unlock()
+}
+
+func (b *bench) addStream(t throughput) {
+	if t.err == nil && t.got != t.want {
+		t.err = fmt.Errorf("%d bytes arrived, %d were sent", t.got, t.want)
+	}
+	if t.err != nil {
+		b.problem("%s: %v", t.name, t.err)
+	}
+	b.mu.Lock()
+	b.streams = append(b.streams, t)
+	b.mu.Unlock()
+}
+
+// receive measures every guest→host stream accepted on l, from its first
+// byte to its EOF.
+func (b *bench) receive(l net.Listener, name string, done chan<- throughput) {
+	for {
+		c, err := l.Accept()
+		if err != nil {
+			return
+		}
+		done <- b.measureRead(c, name)
+	}
+}
+
+func (b *bench) measureRead(c net.Conn, name string) throughput {
+	defer c.Close()
+	t := throughput{name: name, want: b.size}
+	buf := make([]byte, 256<<10)
+	var start time.Time
+	var begin cpuSample
+	for {
+		n, err := c.Read(buf)
+		if n > 0 && start.IsZero() {
+			start = time.Now()
+			begin = b.sample()
+		}
+		t.got += int64(n)
+		if errors.Is(err, io.EOF) {
+			break
+		}
+		if err != nil {
+			t.err = err
+			break
+		}
+	}
+	if !start.IsZero() {
+		end := b.sample()
+		t.elapsed = end.at.Sub(start)
+		t.cpu = begin.to(end)
+	}
+	return t
+}
+
+// send measures one host→guest stream: from the first write until the
+// guest, having read everything, closes its end.
+func (b *bench) send(ctx context.Context, name string, dial func(context.Context) (net.Conn, error)) throughput {
+	t := throughput{name: name, want: b.size}
+	c, err := dialRetry(ctx, dial)
+	if err != nil {
+		t.err = err
+		return t
+	}
+	defer c.Close()
+	buf := make([]byte, 256<<10)
+	begin := b.sample()
+	var sent int64
+	for sent < b.size && err == nil {
+		n := int(min(int64(len(buf)), b.size-sent))
+		n, err = c.Write(buf[:n])
+		sent += int64(n)
+	}
+	if err == nil {
+		if cw, ok := c.(interface{ CloseWrite() error }); ok {
+			err = cw.CloseWrite()
+		}
+	}
+	if err == nil {
+		// The guest's sink closes once it has read everything.
+		_, err = io.Copy(io.Discard, c)
+	}
+	end := b.sample()
+	t.elapsed, t.cpu = end.at.Sub(begin.at), begin.to(end)
+	// What arrived is checked against the guest's count later; until
+	// then, what left.
+	t.got = sent
+	t.err = err
+	return t
+}
+
+// dialRetry dials until the guest's listener is up: the guest starts it in
+// the background just before asking for the phase.
+func dialRetry(ctx context.Context, dial func(context.Context) (net.Conn, error)) (net.Conn, error) {
+	ctx, cancel := context.WithTimeout(ctx, 60*time.Second)
+	defer cancel()
+	for {
+		c, err := dial(ctx)
+		if err == nil {
+			return c, nil
+		}
+		select {
+		case <-ctx.Done():
+			return nil, fmt.Errorf("the guest did not accept within 60s: %w", err)
+		case <-time.After(100 * time.Millisecond):
+		}
+	}
+}
+
+// dialHybrid connects to port in the guest through the transport's hybrid
+// Unix socket, the way `ssh vsock-mux/...` and Firecracker clients do.
+func dialHybrid(ctx context.Context, path string, port uint32) (net.Conn, error) {
+	var d net.Dialer
+	c, err := d.DialContext(ctx, "unix", path)
+	if err != nil {
+		return nil, err
+	}
+	c.SetDeadline(time.Now().Add(15 * time.Second))
+	if _, err := fmt.Fprintf(c, "CONNECT %d\n", port); err != nil {
+		c.Close()
+		return nil, err
+	}
+	// Byte by byte: nothing after the answer's newline may be consumed.
+	var line []byte
+	one := make([]byte, 1)
+	for len(line) < 32 {
+		if _, err := io.ReadFull(c, one); err != nil {
+			c.Close()
+			return nil, fmt.Errorf("hybrid CONNECT %d: no answer: %w", port, err)
+		}
+		if one[0] == '\n' {
+			break
+		}
+		line = append(line, one[0])
+	}
+	if !strings.HasPrefix(string(line), "OK ") {
+		c.Close()
+		return nil, fmt.Errorf("hybrid CONNECT %d: answer %q", port, line)
+	}
+	c.SetDeadline(time.Time{})
+	return c, nil
+}
+
+// measureDials times n sequential Dials to a guest port whose listener
+// accepts and closes, after one untimed dial that waits for the listener.
+func (b *bench) measureDials(ctx context.Context, port uint32) latency {
+	dial := func(ctx context.Context) (net.Conn, error) { return b.transport.Dial(ctx, port) }
+	c, err := dialRetry(ctx, dial)
+	if err != nil {
+		return latency{err: err}
+	}
+	c.Close()
+	l := latency{dials: make([]time.Duration, 0, b.dials)}
+	begin := b.sample()
+	for range b.dials {
+		dctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+		t0 := time.Now()
+		c, err := b.transport.Dial(dctx, port)
+		d := time.Since(t0)
+		cancel()
+		if err != nil {
+			l.err = fmt.Errorf("dial %d of %d: %w", len(l.dials)+1, b.dials, err)
+			break
+		}
+		l.dials = append(l.dials, d)
+		c.Close()
+	}
+	l.cpu = begin.to(b.sample())
+	return l
+}
+
+// serveControl answers the guest's control requests, one per connection,
+// in order, until l is closed.
+func (b *bench) serveControl(ctx context.Context, l net.Listener) {
+	for {
+		c, err := l.Accept()
+		if err != nil {
+			return
+		}
+		c.SetReadDeadline(time.Now().Add(30 * time.Second))
+		line, err := bufio.NewReader(io.LimitReader(c, 256)).ReadString('\n')
+		if err != nil {
+			b.problem("control: reading a request: %v", err)
+			c.Close()
+			continue
+		}
+		c.SetReadDeadline(time.Time{})
+		reply := b.handle(ctx, strings.Fields(line))
+		c.SetWriteDeadline(time.Now().Add(10 * time.Second))
+		fmt.Fprintf(c, "%s\n", reply)
+		c.Close()
+	}
+}
+
+// handle runs the host side of one request and returns the answer.
+func (b *bench) handle(ctx context.Context, req []string) string {
+	if len(req) == 0 {
+		return "error empty request"
+	}
+	arg := func(i int) int64 {
+		if i >= len(req) {
+			return -1
+		}
+		v, err := strconv.ParseInt(req[i], 10, 64)
+		if err != nil {
+			return -1
+		}
+		return v
+	}
+	switch req[0] {
+	case "hello":
+		b.logf("guest is up; measuring")
+		b.startProfile()
+	case "baseline":
+		b.mu.Lock()
+		b.baseline = time.Duration(arg(1))
+		b.mu.Unlock()
+	case "g2h-end", "g2h-unix-end":
+		done, name := b.g2hDone, "guest→host, vsock Listen"
+		if req[0] == "g2h-unix-end" {
+			done, name = b.g2hUnixDone, "guest→host, Unix socket fallback"
+		}
+		select {
+		case t := <-done:
+			t.note = fmt.Sprintf("guest socat took %.2fs", time.Duration(arg(1)).Seconds())
+			b.addStream(t)
+		case <-time.After(2 * time.Minute):
+			b.problem("%s: the host saw no stream", name)
+		}
+	case "h2g", "h2g-hybrid":
+		port := uint32(arg(1))
+		name, dial := "host→guest, vsock Dial", func(ctx context.Context) (net.Conn, error) {
+			return b.transport.Dial(ctx, port)
+		}
+		if req[0] == "h2g-hybrid" {
+			name, dial = "host→guest, hybrid CONNECT", func(ctx context.Context) (net.Conn, error) {
+				return dialHybrid(ctx, b.transport.HybridSocket(), port)
+			}
+		}
+		t := b.send(ctx, name, dial)
+		b.mu.Lock()
+		b.streams = append(b.streams, t)
+		b.mu.Unlock()
+	case "h2g-count", "h2g-hybrid-count":
+		// The guest's sink reports what it read; settle the stream.
+		b.mu.Lock()
+		if len(b.streams) == 0 {
+			b.mu.Unlock()
+			b.problem("control: %s before any host→guest stream", req[0])
+			return "error out of order"
+		}
+		final := b.streams[len(b.streams)-1]
+		b.streams = b.streams[:len(b.streams)-1]
+		b.mu.Unlock()
+		final.got = arg(1)
+		b.addStream(final)
+	case "latency":
+		l := b.measureDials(ctx, uint32(arg(1)))
+		if l.err != nil {
+			b.problem("connection latency: %v", l.err)
+		}
+		b.mu.Lock()
+		b.lat = l
+		b.mu.Unlock()
+	case "journal-wait":
+		if err := b.journal.wait(10 * time.Minute); err != nil {
+			b.problem("journal: %v", err)
+		}
+	case "done":
+		b.stopProfile()
+		b.mu.Lock()
+		b.finished = true
+		b.mu.Unlock()
+	default:
+		b.problem("control: unknown request %q", strings.Join(req, " "))
+		return "error unknown request"
+	}
+	return "ok"
+}
+
+func (b *bench) startProfile() {
+	if b.profile == "" {
+		return
+	}
+	f, err := os.Create(b.profile)
+	if err != nil {
+		b.problem("cpu profile: %v", err)
+		return
+	}
+	if err := pprof.StartCPUProfile(f); err != nil {
+		b.problem("cpu profile: %v", err)
+		f.Close()
+		return
+	}
+	b.mu.Lock()
+	b.profFile = f
+	b.mu.Unlock()
+}
+
+func (b *bench) stopProfile() {
+	b.mu.Lock()
+	f := b.profFile
+	b.profFile = nil
+	b.mu.Unlock()
+	if f != nil {
+		pprof.StopCPUProfile()
+		if err := f.Close(); err != nil {
+			b.problem("cpu profile: %v", err)
+		}
+	}
+}
+
+// percentile returns the nearest-rank p-th percentile of sorted ds.
+func percentile(ds []time.Duration, p float64) time.Duration {
+	if len(ds) == 0 {
+		return 0
+	}
+	i := int(p/100*float64(len(ds))+0.999999) - 1
+	i = max(0, min(i, len(ds)-1))
+	return ds[i]
+}
+
+func sortedCopy(ds []time.Duration) []time.Duration {
+	s := append([]time.Duration(nil), ds...)
+	sort.Slice(s, func(i, j int) bool { return s[i] < s[j] })
+	return s
+}
