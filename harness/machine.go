@@ -168,7 +168,7 @@ func createOverlay(ctx context.Context, overlay string, img BootImage) error {
 func (m *Machine) KernelCommandLine() string {
 	cfg := m.cfg
 	args := []string{
-		"console=ttyS0",
+		"console=ttyS0", "console=hvc0",
 		"root=/dev/vda", "rw",
 		// Should a panic happen before the pvpanic driver is loaded, reboot
 		// at once rather than hang; the boot timeout then ends the loop.
@@ -215,8 +215,14 @@ func (m *Machine) qemuArgs(smbiosArgs []string) []string {
 		// VM through the pvpanic device instead of rebooting.
 		"-device", "pvpanic",
 		"-action", "panic=exit-failure",
-		"-chardev", "file,id=console,path=" + cfg.ConsoleLog,
+		// Kernel messages go to the serial port (synchronous, so panics
+		// are seen); /dev/console is a virtio console, because journald's
+		// journal+console output through an emulated UART is so slow under
+		// TCG that a chatty test loses lines at shutdown. Both share one log.
+		"-chardev", "file,id=console,mux=on,path=" + cfg.ConsoleLog,
 		"-serial", "chardev:console",
+		"-device", "virtio-serial-pci,id=virtio-serial",
+		"-device", "virtconsole,chardev=console",
 		"-kernel", cfg.Image.Kernel,
 		"-initrd", cfg.Image.Initrd,
 		"-append", m.KernelCommandLine(),
@@ -321,6 +327,9 @@ wait:
 				t := time.NewTimer(30 * time.Second * cfg.Accel.TimeoutScale())
 				defer t.Stop()
 				shutdownTimeout = t.C
+			} else if !ok {
+				// The guest announced a reboot after all: not ending yet.
+				shutdownTimeout = nil
 			}
 			if !readyReported && m.notify.Ready() && cfg.OnReady != nil {
 				readyReported = true

@@ -46,7 +46,11 @@ type NotifyState struct {
 	// testStatus is the failed test's status as reported by the
 	// keep-on-failure drop-in while the VM stays up.
 	testStatus *int
+	// shutdown is the guest's announced shutdown (X_SYSTEMD_SHUTDOWN) in
+	// the current boot; a reboot's EXIT_STATUS is not the test's result.
+	shutdown   string
 	lastStatus string
+	log        []string
 	events     chan NotifyMessage
 	changed    chan struct{}
 }
@@ -95,7 +99,16 @@ func (s *NotifyState) apply(m NotifyMessage) {
 	if m["READY"] == "1" {
 		s.ready = true
 	}
-	if v, ok := m["EXIT_STATUS"]; ok {
+	if v, ok := m["X_SYSTEMD_SHUTDOWN"]; ok {
+		s.shutdown = v
+		if rebooting(v) {
+			s.exitStatus = nil
+		}
+	} else if _, ok := m["X_SYSTEMD_UNIT_ACTIVE"]; ok || m["READY"] == "1" {
+		// A message from a running service manager: a new boot.
+		s.shutdown = ""
+	}
+	if v, ok := m["EXIT_STATUS"]; ok && !rebooting(s.shutdown) {
 		// A malformed status from the guest is recorded as an unparsable
 		// status rather than ignored, so the test fails visibly.
 		n, err := strconv.Atoi(strings.TrimSpace(v))
@@ -114,11 +127,33 @@ func (s *NotifyState) apply(m NotifyMessage) {
 		s.testStatus = &n
 	}
 	s.lastStatus = describeNotify(m)
+	if len(s.log) < maxNotifyLog {
+		s.log = append(s.log, s.lastStatus)
+	}
 	s.mu.Unlock()
 	select {
 	case s.changed <- struct{}{}:
 	default:
 	}
+}
+
+// maxNotifyLog bounds the messages kept for the failure report.
+const maxNotifyLog = 256
+
+// rebooting reports whether a shutdown of this kind boots the guest again.
+func rebooting(shutdown string) bool {
+	switch shutdown {
+	case "reboot", "kexec", "soft-reboot":
+		return true
+	}
+	return false
+}
+
+// Log returns the guest's notify messages so far, one summary each.
+func (s *NotifyState) Log() []string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return append([]string(nil), s.log...)
 }
 
 func describeNotify(m NotifyMessage) string {

@@ -147,6 +147,11 @@ FailureAction=exit
 [Service]
 StandardOutput=journal+console
 StandardError=journal+console
+# journald may still be working through the unit's output when it exits
+# (under TCG it forwards a few hundred lines a second); the success or
+# failure action would power the VM off and lose the rest. --sync returns
+# once journald has processed (and so forwarded) everything queued.
+ExecStopPost=-+/usr/bin/journalctl --sync
 `, GuestStatusPass)
 	if keepOnFailure {
 		dropin = strings.Replace(dropin, "FailureAction=exit\n", "FailureAction=none\n", 1)

@@ -288,6 +288,9 @@ func TestE2ESSH(t *testing.T) {
 	}
 	assert.Contains(t, run("ssh", "-F", cfg, host, "cat", "/etc/os-release"), "trixie")
 	assert.Equal(t, "active\n", run("ssh", "-F", cfg, host, "systemctl", "is-active", "sshd-vsock.socket"))
+	// The address the guest announces (systemd-ssh-issue) is the one that
+	// works on the host.
+	assert.Contains(t, run("ssh", "-F", cfg, host, "cat /run/issue.d/*.issue"), "ssh "+host)
 
 	local := filepath.Join(t.TempDir(), "in.txt")
 	require.NoError(t, os.WriteFile(local, []byte("copied in by scp\n"), 0o644))

@@ -332,6 +332,9 @@ func (r *testRun) report(name string, unit harness.TestUnit, res *harness.Result
 		r.logf("last console lines:\n%s", indent(strings.Join(tail, "\n")))
 	}
 	journal.summary(r.env.stderr)
+	if o.ExitCode != harness.ExitHarnessError {
+		r.logf("to get a shell in this test's VM after it fails, rerun it with VMHARNESS_KEEP_FAILED_VM=30m (meson test --setup=keep %s)", name)
+	}
 }
 
 func indent(s string) string {

@@ -19,11 +19,14 @@ const userHZ = 100
 type cpuSample struct {
 	at                   time.Time
 	qemu, self, children time.Duration
+	// qemuWait is how long QEMU's threads were runnable but waiting for
+	// a CPU (schedstat run_delay): the machine's other load.
+	qemuWait time.Duration
 }
 
 // cpuUse is the CPU used between two samples, as a share of one core.
 type cpuUse struct {
-	qemu, self, children float64
+	qemu, self, children, qemuWait float64
 }
 
 func (b cpuSample) to(e cpuSample) cpuUse {
@@ -32,7 +35,7 @@ func (b cpuSample) to(e cpuSample) cpuUse {
 		return cpuUse{}
 	}
 	share := func(x, y time.Duration) float64 { return (y - x).Seconds() / wall }
-	return cpuUse{qemu: share(b.qemu, e.qemu), self: share(b.self, e.self), children: share(b.children, e.children)}
+	return cpuUse{qemu: share(b.qemu, e.qemu), self: share(b.self, e.self), children: share(b.children, e.children), qemuWait: share(b.qemuWait, e.qemuWait)}
 }
 
 func sampleCPU(qemuPID int) cpuSample {
@@ -43,6 +46,7 @@ func sampleCPU(qemuPID int) cpuSample {
 	}
 	if qemuPID > 0 {
 		s.qemu, _ = procCPU(qemuPID)
+		s.qemuWait = runDelay(qemuPID)
 	}
 	self := os.Getpid()
 	dirs, _ := filepath.Glob("/proc/[0-9]*")
@@ -80,4 +84,22 @@ func procCPU(pid int) (cpu time.Duration, ppid int) {
 	utime, _ := strconv.ParseInt(string(f[11]), 10, 64)
 	stime, _ := strconv.ParseInt(string(f[12]), 10, 64)
 	return time.Duration(utime+stime) * time.Second / userHZ, ppid
+}
+
+// runDelay sums how long the process's threads have waited on a run queue
+// (the second field of /proc/PID/task/TID/schedstat, in nanoseconds).
+func runDelay(pid int) time.Duration {
+	files, _ := filepath.Glob("/proc/" + strconv.Itoa(pid) + "/task/*/schedstat")
+	var total time.Duration
+	for _, f := range files {
+		data, err := os.ReadFile(f)
+		if err != nil {
+			continue
+		}
+		if fields := bytes.Fields(data); len(fields) >= 2 {
+			ns, _ := strconv.ParseInt(string(fields[1]), 10, 64)
+			total += time.Duration(ns)
+		}
+	}
+	return total
 }

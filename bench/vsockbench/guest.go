@@ -16,15 +16,22 @@ const (
 // Ports. Host ports (CID 2) are private to this VM with the userspace
 // transport; guest ports are the guest's own.
 const (
-	ctlPort      = 5000 // host: the guest's control requests, one per connection
-	g2hPort      = 5001 // host: guest→host stream, vsock listener in this process
-	g2hUnixPort  = 5002 // host: guest→host stream, through the transport's Unix socket fallback
-	h2gPort      = 6001 // guest: host→guest stream, host Dials
-	h2gHybPort   = 6002 // guest: host→guest stream, host CONNECTs through the hybrid socket
-	latencyPort  = 6003 // guest: accept-and-close loop for the connection latency
-	journalBegin = "VSOCKBENCH-JOURNAL-BEGIN"
-	journalEnd   = "VSOCKBENCH-JOURNAL-END"
-	linePrefix   = "bench-journal "
+	ctlPort     = 5000 // host: the guest's control requests, one per connection
+	g2hPort     = 5001 // host: guest→host stream, vsock listener in this process
+	g2hUnixPort = 5002 // host: guest→host stream, through the transport's Unix socket fallback
+	h2gPort     = 6001 // guest: host→guest stream, host Dials
+	h2gHybPort  = 6002 // guest: host→guest stream, host CONNECTs through the hybrid socket
+	latencyPort = 6003 // guest: accept-and-close loop for the connection latency
+)
+
+// The journal spans: lines logged through systemd-cat go to the journal
+// only; the unit's own stdout goes to the journal and, by the harness's
+// drop-in (StandardOutput=journal+console), to the serial console too.
+const (
+	spanJournal   = "JOURNAL"
+	spanConsole   = "CONSOLE"
+	journalPrefix = "bench-journal "
+	consolePrefix = "bench-console "
 )
 
 // unitText is the test unit. Journald must not rate-limit the journal phase,
@@ -42,16 +49,17 @@ TimeoutStartSec=infinity
 
 // guestParams are the sizes the guest script uses.
 type guestParams struct {
-	Bytes     int64 // per throughput phase
-	BlockSize int   // socat's and the sink's read/write size
-	Lines     int   // journal lines
-	LineLen   int   // bytes per journal line, without the newline
+	Bytes        int64 // per throughput phase
+	BlockSize    int   // socat's and the sink's read/write size
+	Lines        int   // journal lines through systemd-cat
+	ConsoleLines int   // journal lines on the unit's stdout (journal+console)
+	LineLen      int   // bytes per journal line, without the newline
 }
 
 // journalLinePad is the filler that makes each journal line LineLen bytes:
 // the prefix and a 6-digit sequence number and a blank come first.
 func (p guestParams) journalLinePad() string {
-	n := p.LineLen - len(linePrefix) - 7
+	n := p.LineLen - len(journalPrefix) - 7
 	if n < 1 {
 		n = 1
 	}
@@ -62,6 +70,8 @@ func (p guestParams) journalLinePad() string {
 // bracketed by control requests (ctl), which the host answers only once its
 // side of the phase is done, so the phases never overlap.
 func guestScript(p guestParams) string {
+	jb, je := spanMarkers(spanJournal)
+	cb, ce := spanMarkers(spanConsole)
 	return fmt.Sprintf(`set -eu
 N=%d
 B=%d
@@ -70,8 +80,19 @@ PAD=%s
 CTL=%d
 
 # ctl sends one request line to the host and prints its one-line answer.
-# -t: after sending, wait for the answer (the host may take minutes).
-ctl() { printf '%%s\n' "$*" | socat -t 3600 - "VSOCK-CONNECT:2:$CTL"; }
+# -t: after sending, wait for the answer (the host may take minutes). A
+# connect that times out (the kernel gives up after 2 s) is retried; the
+# host counts the requests that never came.
+ctl() {
+	for try in 1 2 3 4 5; do
+		if printf '%%s\n' "$*" | socat -t 3600 - "VSOCK-CONNECT:2:$CTL"; then
+			return 0
+		fi
+		echo "vsockbench: control request '$*' failed (try $try)" >&2
+		sleep 1
+	done
+	return 1
+}
 ns() { date +%%s%%N; }
 
 # Perl (perl-base is essential) stands in where socat cannot help: a sink
@@ -130,13 +151,30 @@ acceptor=$!
 ctl "latency %d" >/dev/null
 kill "$acceptor"
 
+# Journal only: systemd-cat's stream is not copied to the console. The
+# guest's own time runs until journald has taken in every line.
+t0=$(ns)
+{
+	echo %s
+	seq -f "%s%%06.0f $PAD" 1 "$LINES"
+	echo %s
+} | systemd-cat -t vsockbench
+journalctl --sync
+t1=$(ns)
+ctl "journal-wait %s $((t1 - t0))" >/dev/null
+
+# The unit's stdout, which the harness also copies to the serial console.
+t0=$(ns)
 echo %s
-seq -f "%s%%06.0f $PAD" 1 "$LINES"
+seq -f "%s%%06.0f $PAD" 1 %d
 echo %s
-ctl journal-wait >/dev/null
+journalctl --sync
+t1=$(ns)
+ctl "journal-wait %s $((t1 - t0))" >/dev/null
 
 ctl done >/dev/null
 `, p.Bytes, p.BlockSize, p.Lines, p.journalLinePad(), ctlPort,
 		g2hPort, g2hUnixPort, h2gPort, h2gHybPort, latencyPort, latencyPort,
-		journalBegin, linePrefix, journalEnd)
+		jb, journalPrefix, je, spanJournal,
+		cb, consolePrefix, p.ConsoleLines, ce, spanConsole)
 }

@@ -13,31 +13,49 @@ import (
 )
 
 // journalWatch times the guest's journal stream as the collector reads it:
-// it spots the begin and end marker entries in the export-format bytes and
-// counts the bytes between them. The collector reads only as fast as it
-// hands entries on to systemd-journal-remote, so this is the rate at which
-// the whole path (guest journald, vsock, collector) moves entries.
+// for each span it spots the begin and end marker entries in the
+// export-format bytes and counts the bytes between them. The collector
+// reads only as fast as it hands entries on to systemd-journal-remote, so
+// this is the rate at which the whole path (guest journald, vsock,
+// collector) moves entries.
 type journalWatch struct {
-	begin, end []byte // the markers as MESSAGE fields
+	sample func() cpuSample
+	keep   int // bytes kept between reads: the longest marker less one
 
-	mu        sync.Mutex
-	beganAt   time.Time
-	endedAt   time.Time
-	bytes     int64 // stream bytes read from the begin marker to the end marker
-	beginCPU  cpuSample
-	endCPU    cpuSample
-	sample    func() cpuSample
-	endSeen   chan struct{}
-	endClosed bool
+	mu    sync.Mutex
+	spans []*journalSpan
 }
 
-func newJournalWatch(sample func() cpuSample) *journalWatch {
-	return &journalWatch{
-		begin:   []byte("MESSAGE=" + journalBegin + "\n"),
-		end:     []byte("MESSAGE=" + journalEnd + "\n"),
-		sample:  sample,
-		endSeen: make(chan struct{}),
+// journalSpan is the stretch of the stream between two marker entries.
+type journalSpan struct {
+	name       string
+	begin, end []byte // the markers as MESSAGE fields
+
+	beganAt, endedAt time.Time
+	bytes            int64 // stream bytes read from the begin marker to the end marker
+	beginCPU, endCPU cpuSample
+	endSeen          chan struct{}
+}
+
+// spanMarkers are the log lines that open and close span name.
+func spanMarkers(name string) (begin, end string) {
+	return "VSOCKBENCH-" + name + "-BEGIN", "VSOCKBENCH-" + name + "-END"
+}
+
+func newJournalWatch(sample func() cpuSample, names ...string) *journalWatch {
+	w := &journalWatch{sample: sample}
+	for _, n := range names {
+		b, e := spanMarkers(n)
+		sp := &journalSpan{
+			name:    n,
+			begin:   []byte("MESSAGE=" + b + "\n"),
+			end:     []byte("MESSAGE=" + e + "\n"),
+			endSeen: make(chan struct{}),
+		}
+		w.spans = append(w.spans, sp)
+		w.keep = max(w.keep, len(sp.begin)-1, len(sp.end)-1)
 	}
+	return w
 }
 
 // listener wraps the journal listener so every accepted stream is watched.
@@ -72,38 +90,49 @@ func (c *watchedConn) Read(p []byte) (int, error) {
 
 // observe looks for the markers in tail+data and returns the new tail.
 func (w *journalWatch) observe(tail, data []byte) []byte {
-	keep := len(w.begin)
-	if len(w.end) > keep {
-		keep = len(w.end)
-	}
 	buf := append(tail, data...)
 	w.mu.Lock()
-	if !w.beganAt.IsZero() && w.endedAt.IsZero() {
-		w.bytes += int64(len(data))
-	}
-	if w.beganAt.IsZero() && bytes.Contains(buf, w.begin) {
-		w.beganAt = time.Now()
-		w.beginCPU = w.sample()
-	}
-	if !w.beganAt.IsZero() && w.endedAt.IsZero() && bytes.Contains(buf, w.end) {
-		w.endedAt = time.Now()
-		w.endCPU = w.sample()
-		close(w.endSeen)
+	for _, sp := range w.spans {
+		if !sp.beganAt.IsZero() && sp.endedAt.IsZero() {
+			sp.bytes += int64(len(data))
+		}
+		if sp.beganAt.IsZero() && bytes.Contains(buf, sp.begin) {
+			sp.beganAt = time.Now()
+			sp.beginCPU = w.sample()
+		}
+		if !sp.beganAt.IsZero() && sp.endedAt.IsZero() && bytes.Contains(buf, sp.end) {
+			sp.endedAt = time.Now()
+			sp.endCPU = w.sample()
+			close(sp.endSeen)
+		}
 	}
 	w.mu.Unlock()
-	if len(buf) > keep-1 {
-		buf = buf[len(buf)-(keep-1):]
+	if len(buf) > w.keep {
+		buf = buf[len(buf)-w.keep:]
 	}
 	return append([]byte(nil), buf...)
 }
 
-// wait blocks until the end marker was read or the timeout passed.
-func (w *journalWatch) wait(timeout time.Duration) error {
+func (w *journalWatch) span(name string) *journalSpan {
+	for _, sp := range w.spans {
+		if sp.name == name {
+			return sp
+		}
+	}
+	return nil
+}
+
+// wait blocks until span name's end marker was read or the timeout passed.
+func (w *journalWatch) wait(name string, timeout time.Duration) error {
+	sp := w.span(name)
+	if sp == nil {
+		return fmt.Errorf("no journal span %q", name)
+	}
 	select {
-	case <-w.endSeen:
+	case <-sp.endSeen:
 		return nil
 	case <-time.After(timeout):
-		return fmt.Errorf("the end marker did not arrive within %s", timeout)
+		return fmt.Errorf("the end marker of %s did not arrive within %s", name, timeout)
 	}
 }
 
@@ -113,19 +142,20 @@ type journalResult struct {
 	cpu     cpuUse
 }
 
-func (w *journalWatch) result() (journalResult, bool) {
+func (w *journalWatch) result(name string) (journalResult, bool) {
 	w.mu.Lock()
 	defer w.mu.Unlock()
-	if w.beganAt.IsZero() || w.endedAt.IsZero() {
+	sp := w.span(name)
+	if sp == nil || sp.beganAt.IsZero() || sp.endedAt.IsZero() {
 		return journalResult{}, false
 	}
-	return journalResult{elapsed: w.endedAt.Sub(w.beganAt), bytes: w.bytes, cpu: w.beginCPU.to(w.endCPU)}, true
+	return journalResult{elapsed: sp.endedAt.Sub(sp.beganAt), bytes: sp.bytes, cpu: sp.beginCPU.to(sp.endCPU)}, true
 }
 
 // countJournalLines reads the journal files back with journalctl and
-// returns how many of the lines 1..want are there (each counted once) and
-// how many lines carried the prefix in all.
-func countJournalLines(files []string, want int) (distinct, total int, err error) {
+// returns how many of the lines "prefix1" .. "prefixWANT" are there (each
+// counted once) and how many lines carried the prefix in all.
+func countJournalLines(files []string, prefix string, want int) (distinct, total int, err error) {
 	if len(files) == 0 {
 		return 0, 0, fmt.Errorf("no journal file was written")
 	}
@@ -146,7 +176,7 @@ func countJournalLines(files []string, want int) (distinct, total int, err error
 	seen := make([]bool, want+1)
 	sc := bufio.NewScanner(out)
 	for sc.Scan() {
-		rest, ok := strings.CutPrefix(sc.Text(), linePrefix)
+		rest, ok := strings.CutPrefix(sc.Text(), prefix)
 		if !ok {
 			continue
 		}

@@ -44,12 +44,14 @@ type options struct {
 	blockSize  int
 	dials      int
 	lines      int
+	conLines   int
 	lineLen    int
 	mode       string
 	timeout    time.Duration
 	cpuProfile string
 	keepDir    string
 	verbose    bool
+	forward    bool
 }
 
 func main() {
@@ -57,12 +59,14 @@ func main() {
 	flag.Int64Var(&o.sizeMiB, "size", 256, "MiB per throughput phase")
 	flag.IntVar(&o.blockSize, "block", 256<<10, "guest socat and sink block size in bytes")
 	flag.IntVar(&o.dials, "dials", 200, "sequential Dials timed for the connection latency")
-	flag.IntVar(&o.lines, "lines", 100000, "journal lines the guest logs")
+	flag.IntVar(&o.lines, "lines", 20000, "journal lines the guest logs through systemd-cat (journal only)")
+	flag.IntVar(&o.conLines, "console-lines", 1000, "journal lines the guest logs on the unit's stdout, which the harness copies to the serial console")
 	flag.IntVar(&o.lineLen, "line-len", 100, "bytes per journal line")
 	flag.StringVar(&o.mode, "vsock", string(vsock.ModeUser), "vsock backend: user, kernel or auto")
 	flag.DurationVar(&o.timeout, "timeout", 30*time.Minute, "bound on the whole VM run")
 	flag.StringVar(&o.cpuProfile, "cpuprofile", "", "write a CPU profile of this process during the measured phases to `file`")
 	flag.StringVar(&o.keepDir, "keep", "", "keep the journal and console log in `dir`")
+	flag.BoolVar(&o.forward, "journal-forward", true, "forward the guest journal to the host (false: time the guest's journald alone)")
 	flag.BoolVar(&o.verbose, "v", false, "log the transport's and QEMU's messages")
 	flag.Parse()
 
@@ -86,8 +90,8 @@ func run(ctx context.Context, o options, out io.Writer) (int, error) {
 	if err != nil {
 		return 2, err
 	}
-	if o.sizeMiB <= 0 || o.dials <= 0 || o.lines <= 0 || o.lineLen < 30 || o.blockSize <= 0 {
-		return 2, errors.New("-size, -dials, -lines and -block must be positive and -line-len at least 30")
+	if o.sizeMiB <= 0 || o.dials <= 0 || o.lines <= 0 || o.conLines <= 0 || o.lineLen < 30 || o.blockSize <= 0 {
+		return 2, errors.New("-size, -dials, -lines, -console-lines and -block must be positive and -line-len at least 30")
 	}
 	recipe, err := images.Default()
 	if err != nil {
@@ -158,15 +162,17 @@ func run(ctx context.Context, o options, out io.Writer) (int, error) {
 	defer g2hUnixL.Close()
 
 	b := &bench{
-		transport:   transport,
-		size:        o.sizeMiB << 20,
-		dials:       o.dials,
-		logf:        logf,
-		profile:     o.cpuProfile,
-		g2hDone:     make(chan throughput, 1),
-		g2hUnixDone: make(chan throughput, 1),
+		transport:    transport,
+		size:         o.sizeMiB << 20,
+		dials:        o.dials,
+		logf:         logf,
+		profile:      o.cpuProfile,
+		g2hDone:      make(chan throughput, 1),
+		g2hUnixDone:  make(chan throughput, 1),
+		forwarding:   o.forward,
+		journalGuest: make(map[string]time.Duration),
 	}
-	b.journal = newJournalWatch(b.sample)
+	b.journal = newJournalWatch(b.sample, spanJournal, spanConsole)
 	go b.receive(g2hL, "guest→host, vsock Listen", b.g2hDone)
 	go b.receive(g2hUnixL, "guest→host, Unix socket fallback", b.g2hUnixDone)
 
@@ -187,16 +193,20 @@ func run(ctx context.Context, o options, out io.Writer) (int, error) {
 		collector.Serve(context.WithoutCancel(ctx), b.journal.listener(journalL))
 	}()
 
-	script := guestScript(guestParams{Bytes: b.size, BlockSize: o.blockSize, Lines: o.lines, LineLen: o.lineLen})
+	script := guestScript(guestParams{Bytes: b.size, BlockSize: o.blockSize, Lines: o.lines, ConsoleLines: o.conLines, LineLen: o.lineLen})
+	creds := []harness.Credential{
+		{Name: scriptCredName, Value: []byte(script)},
+		{Name: "vmm.notify_socket", Value: []byte(fmt.Sprintf("vsock-stream:%d:%d", vsock.HostCID, notifyPort))},
+		{Name: "journal.storage", Value: []byte("volatile")},
+	}
+	if o.forward {
+		creds = append(creds, harness.Credential{Name: "journal.forward_to_socket", Value: []byte(fmt.Sprintf("vsock-stream:%d:%d", vsock.HostCID, journalPort))})
+	}
 	m, err := harness.NewMachine(ctx, harness.Config{
-		Name:  "vsockbench",
-		Image: harness.BootImage{Kernel: img.Kernel, Initrd: img.Initrd, Rootfs: img.Rootfs, RootfsFormat: img.RootfsFormat},
-		Unit:  harness.TestUnit{Name: unitName, Text: []byte(unitText)},
-		Credentials: []harness.Credential{
-			{Name: scriptCredName, Value: []byte(script)},
-			{Name: "journal.forward_to_socket", Value: []byte(fmt.Sprintf("vsock-stream:%d:%d", vsock.HostCID, journalPort))},
-			{Name: "journal.storage", Value: []byte("volatile")},
-		},
+		Name:           "vsockbench",
+		Image:          harness.BootImage{Kernel: img.Kernel, Initrd: img.Initrd, Rootfs: img.Rootfs, RootfsFormat: img.RootfsFormat},
+		Unit:           harness.TestUnit{Name: unitName, Text: []byte(unitText)},
+		Credentials:    creds,
 		Accel:          accel,
 		WorkDir:        workDir,
 		ConsoleLog:     filepath.Join(outDir, "vsockbench.console.log"),
@@ -224,18 +234,36 @@ func run(ctx context.Context, o options, out io.Writer) (int, error) {
 	<-served
 	summary := collector.Summary()
 
-	distinct, total, countErr := countJournalLines(summary.JournalFiles, o.lines)
-
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	report := &reportData{
 		opts: o, accel: accel, kind: transport.Kind(), outcome: res.Outcome, elapsed: res.Elapsed,
 		baseline: b.baseline, streams: b.streams, lat: b.lat,
-		linesDistinct: distinct, linesTotal: total, unitLines: summary.UnitLinesTotal,
-		journalFiles: summary.JournalFiles,
+		unitLines: summary.UnitLinesTotal, emptyRequests: b.emptyRequests,
 	}
-	report.journal, report.journalOK = b.journal.result()
 	problems := append([]string(nil), b.problems...)
+	for _, sp := range []spanReport{
+		{name: spanJournal, label: "journal: systemd-cat→journal file", prefix: journalPrefix, want: o.lines},
+		{name: spanConsole, label: "journal: unit stdout (+console)→file", prefix: consolePrefix, want: o.conLines},
+	} {
+		sp.guest = b.journalGuest[sp.name]
+		if !o.forward {
+			report.spans = append(report.spans, sp)
+			continue
+		}
+		sp.res, sp.ok = b.journal.result(sp.name)
+		if !sp.ok {
+			problems = append(problems, fmt.Sprintf("journal %s: the begin and end markers were not both seen", sp.name))
+		}
+		var err error
+		sp.distinct, sp.total, err = countJournalLines(summary.JournalFiles, sp.prefix, sp.want)
+		if err != nil {
+			problems = append(problems, fmt.Sprintf("journal %s: reading the journal back: %v", sp.name, err))
+		} else if sp.distinct != sp.want {
+			problems = append(problems, fmt.Sprintf("journal %s: %d of %d lines are in the journal file", sp.name, sp.distinct, sp.want))
+		}
+		report.spans = append(report.spans, sp)
+	}
 	if !res.Outcome.Passed() {
 		problems = append(problems, "the guest side failed: "+res.Outcome.Reason)
 		for _, l := range res.ConsoleTail {
@@ -247,14 +275,6 @@ func run(ctx context.Context, o options, out io.Writer) (int, error) {
 	}
 	if journalErr != nil {
 		problems = append(problems, "journal: "+journalErr.Error())
-	}
-	if countErr != nil {
-		problems = append(problems, "reading the journal back: "+countErr.Error())
-	} else if distinct != o.lines {
-		problems = append(problems, fmt.Sprintf("journal: %d of %d lines are in the journal file", distinct, o.lines))
-	}
-	if !report.journalOK {
-		problems = append(problems, "journal: the begin and end markers were not both seen")
 	}
 	report.print(out)
 	for _, p := range problems {
@@ -292,24 +312,32 @@ type reportData struct {
 	baseline  time.Duration
 	streams   []throughput
 	lat       latency
-	journal   journalResult
-	journalOK bool
+	spans     []spanReport
+	unitLines int64
+	// emptyRequests counts control connections without a request.
+	emptyRequests int
+}
 
-	linesDistinct, linesTotal int
-	unitLines                 int64
-	journalFiles              []string
+// spanReport is one journal span's rate and its check against the file.
+type spanReport struct {
+	name, label, prefix string
+	want                int
+	res                 journalResult
+	ok                  bool
+	distinct, total     int
+	guest               time.Duration // the guest's own time: logging until journald took every line in
 }
 
 func (r *reportData) print(out io.Writer) {
 	host, _ := os.Hostname()
 	fmt.Fprintf(out, "vsockbench %s on %s: accel %s, vsock %s, %d host CPUs, VM run %.1fs\n",
 		time.Now().UTC().Format(time.RFC3339), host, r.accel.Name, r.kind, runtime.NumCPU(), r.elapsed.Seconds())
-	fmt.Fprintf(out, "MB = 10^6 bytes; CPU columns: share of one host core during the phase (QEMU all threads / vsockbench process / systemd-journal-remote)\n\n")
+	fmt.Fprintf(out, "MB = 10^6 bytes; CPU columns: share of one host core during the phase: QEMU (all threads), QEMU wait (its threads runnable but waiting for a CPU: other load on the machine), host (this process: vsock device, relays, collector), j-remote (systemd-journal-remote)\n\n")
 	tw := tabwriter.NewWriter(out, 0, 0, 2, ' ', tabwriter.AlignRight)
-	fmt.Fprintf(tw, "phase\tamount\ttime\trate\tQEMU\thost\tj-remote\t\n")
+	fmt.Fprintf(tw, "phase\tamount\ttime\trate\tQEMU\tQEMU wait\thost\tj-remote\t\n")
 	if r.baseline > 0 {
 		size := r.opts.sizeMiB << 20
-		fmt.Fprintf(tw, "guest-only: socat /dev/zero→/dev/null\t%d MiB\t%.2fs\t%.1f MB/s\t\t\t\t\n",
+		fmt.Fprintf(tw, "guest-only: socat /dev/zero→/dev/null\t%d MiB\t%.2fs\t%.1f MB/s\t\t\t\t\t\n",
 			r.opts.sizeMiB, r.baseline.Seconds(), float64(size)/r.baseline.Seconds()/1e6)
 	}
 	for _, t := range r.streams {
@@ -317,21 +345,28 @@ func (r *reportData) print(out io.Writer) {
 		if t.err != nil {
 			rate = "FAILED"
 		}
-		fmt.Fprintf(tw, "%s\t%d MiB\t%.2fs\t%s\t%s\t%s\t%s\t\n", t.name, t.got>>20, t.elapsed.Seconds(), rate,
-			pct(t.cpu.qemu), pct(t.cpu.self), pct(t.cpu.children))
+		fmt.Fprintf(tw, "%s\t%d MiB\t%.2fs\t%s\t%s\t%s\t%s\t%s\t\n", t.name, t.got>>20, t.elapsed.Seconds(), rate,
+			pct(t.cpu.qemu), pct(t.cpu.qemuWait), pct(t.cpu.self), pct(t.cpu.children))
 	}
 	if d := sortedCopy(r.lat.dials); len(d) > 0 {
-		fmt.Fprintf(tw, "connect: vsock Dial, sequential\t%d dials\tmedian %s\tp95 %s\t%s\t%s\t%s\t\n",
-			len(d), ms(percentile(d, 50)), ms(percentile(d, 95)), pct(r.lat.cpu.qemu), pct(r.lat.cpu.self), pct(r.lat.cpu.children))
+		fmt.Fprintf(tw, "connect: vsock Dial, sequential\t%d dials\tmedian %s\tp95 %s\t%s\t%s\t%s\t%s\t\n",
+			len(d), ms(percentile(d, 50)), ms(percentile(d, 95)), pct(r.lat.cpu.qemu), pct(r.lat.cpu.qemuWait), pct(r.lat.cpu.self), pct(r.lat.cpu.children))
 	}
-	if r.journalOK {
-		j := r.journal
-		s := j.elapsed.Seconds()
-		fmt.Fprintf(tw, "journal: guest journald→journal file\t%d lines\t%.2fs\t%.0f lines/s\t%s\t%s\t%s\t\n",
-			r.opts.lines, s, float64(r.opts.lines)/s, pct(j.cpu.qemu), pct(j.cpu.self), pct(j.cpu.children))
-		fmt.Fprintf(tw, "  as message bytes / export bytes on the wire\t%.1f / %.1f MB\t\t%.2f / %.2f MB/s\t\t\t\t\n",
-			float64(r.opts.lines*(r.opts.lineLen+1))/1e6, float64(j.bytes)/1e6,
-			float64(r.opts.lines*(r.opts.lineLen+1))/s/1e6, float64(j.bytes)/s/1e6)
+	for _, sp := range r.spans {
+		if sp.guest > 0 {
+			fmt.Fprintf(tw, "  guest: logging until journald has it all\t%d lines\t%.2fs\t%.0f lines/s\t\t\t\t\t\n",
+				sp.want, sp.guest.Seconds(), float64(sp.want)/sp.guest.Seconds())
+		}
+		if !sp.ok {
+			continue
+		}
+		j := sp.res
+		secs := j.elapsed.Seconds()
+		msg := float64(sp.want*(r.opts.lineLen+1)) / 1e6
+		fmt.Fprintf(tw, "%s\t%d lines\t%.2fs\t%.0f lines/s\t%s\t%s\t%s\t%s\t\n",
+			sp.label, sp.want, secs, float64(sp.want)/secs, pct(j.cpu.qemu), pct(j.cpu.qemuWait), pct(j.cpu.self), pct(j.cpu.children))
+		fmt.Fprintf(tw, "  message / export-format bytes\t%.1f / %.1f MB\t\t%.2f / %.2f MB/s\t\t\t\t\t\n",
+			msg, float64(j.bytes)/1e6, msg/secs, float64(j.bytes)/secs/1e6)
 	}
 	tw.Flush()
 	if len(r.lat.dials) > 0 {
@@ -339,12 +374,31 @@ func (r *reportData) print(out io.Writer) {
 		fmt.Fprintf(out, "\nconnect latency: min %s, median %s, p95 %s, max %s over %d dials\n",
 			ms(d[0]), ms(percentile(d, 50)), ms(percentile(d, 95)), ms(d[len(d)-1]), len(d))
 	}
-	fmt.Fprintf(out, "journal check: %d of %d lines in the journal file (%d with the prefix, %d lines of the unit in the collector's summary)\n",
-		r.linesDistinct, r.opts.lines, r.linesTotal, r.unitLines)
-	for _, t := range r.streams {
-		if t.note != "" {
-			fmt.Fprintf(out, "%s: %s\n", t.name, t.note)
+	for _, sp := range r.spans {
+		if !r.opts.forward {
+			fmt.Fprintf(out, "journal %s: not forwarded to the host (-journal-forward=false)\n", sp.name)
+			continue
 		}
+		fmt.Fprintf(out, "journal check %s: %d of %d lines in the journal file (%d with the prefix)\n", sp.name, sp.distinct, sp.want, sp.total)
+	}
+	fmt.Fprintf(out, "collector summary: %d lines of %s\n", r.unitLines, unitName)
+	for _, t := range r.streams {
+		var notes []string
+		if t.note != "" {
+			notes = append(notes, t.note)
+		}
+		// What the host side costs per byte bounds the rate it could
+		// carry with a whole core, whatever the guest does.
+		if t.err == nil && t.cpu.self > 0 && t.got > 0 {
+			cpuPerMB := t.cpu.self * t.elapsed.Seconds() / (float64(t.got) / 1e6)
+			notes = append(notes, fmt.Sprintf("this process used %.2f ms CPU per MB (one core would carry %.0f MB/s)", cpuPerMB*1e3, 1/cpuPerMB))
+		}
+		if len(notes) > 0 {
+			fmt.Fprintf(out, "%s: %s\n", t.name, strings.Join(notes, "; "))
+		}
+	}
+	if r.emptyRequests > 0 {
+		fmt.Fprintf(out, "control connections without a request (the guest's connect timed out and it retried): %d\n", r.emptyRequests)
 	}
 	fmt.Fprintf(out, "guest outcome: exit %d %s\n", r.outcome.ExitCode, strings.TrimSpace(r.outcome.Reason))
 }

@@ -268,6 +268,9 @@ func (d *Device) Listen(port uint32) (net.Listener, error) {
 func (d *Device) Dial(ctx context.Context, port uint32) (net.Conn, error) {
 	remote := Addr{CID: d.cfg.GuestCID, Port: port}
 	opErr := func(err error) error { return &net.OpError{Op: "dial", Net: network, Addr: remote, Err: err} }
+	if err := ctx.Err(); err != nil {
+		return nil, opErr(err)
+	}
 	d.mu.Lock()
 	switch {
 	case d.closed:

@@ -87,6 +87,7 @@ type guest struct {
 	rxLayout  map[uint16][]int
 	rxNext    int
 	opsSeen   [8]atomic.Int64
+	rstsTo    sync.Map // guest port → *atomic.Int64: RSTs received
 	bytesSeen atomic.Int64
 
 	mu         sync.Mutex
@@ -170,6 +171,14 @@ func (g *guest) violationList() []string {
 }
 
 func (g *guest) seen(op Op) int64 { return g.opsSeen[op].Load() }
+
+// rstsSeen counts the RSTs the device sent to guest port.
+func (g *guest) rstsSeen(port uint32) int64 {
+	if n, ok := g.rstsTo.Load(port); ok {
+		return n.(*atomic.Int64).Load()
+	}
+	return 0
+}
 
 func (g *guest) postRx() error {
 	g.rxMu.Lock()
@@ -309,6 +318,10 @@ func (g *guest) receive(data []byte) {
 		g.violation("%v: bad shutdown flags", &h)
 	default:
 		g.opsSeen[h.Op].Add(1)
+		if h.Op == OpRST {
+			n, _ := g.rstsTo.LoadOrStore(h.DstPort, new(atomic.Int64))
+			n.(*atomic.Int64).Add(1)
+		}
 		g.dispatch(&h, data[HeaderLen:])
 		return
 	}
