@@ -294,10 +294,12 @@ func TestE2ESSH(t *testing.T) {
 
 	local := filepath.Join(t.TempDir(), "in.txt")
 	require.NoError(t, os.WriteFile(local, []byte("copied in by scp\n"), 0o644))
-	run("scp", "-F", cfg, local, host+":/root/in.txt")
+	// scp reads "vsock/3:..." as a local path; the '%' form is for scp.
+	scpHost := "vsock%" + strconv.FormatUint(uint64(entry.CID), 10)
+	run("scp", "-F", cfg, local, scpHost+":/root/in.txt")
 	assert.Equal(t, "copied in by scp\n", run("ssh", "-F", cfg, host, "cat", "/root/in.txt"))
 	back := filepath.Join(t.TempDir(), "hostname")
-	run("scp", "-F", cfg, host+":/etc/hostname", back)
+	run("scp", "-F", cfg, scpHost+":/etc/hostname", back)
 	got, err := os.ReadFile(back)
 	require.NoError(t, err)
 	assert.Equal(t, "vmharness\n", string(got))

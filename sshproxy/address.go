@@ -55,10 +55,14 @@ func (a Address) String() string {
 // Paths are absolute: "unix/tmp/x" and "unix//tmp/x" both mean /tmp/x, as
 // with systemd-ssh-proxy; "unix/./x" is relative to the working directory.
 func ParseAddress(host string) (Address, error) {
-	kind, rest, ok := strings.Cut(host, "/")
-	if !ok {
+	// KIND%REST is accepted as well as KIND/REST, as systemd-ssh-proxy
+	// does: scp takes any argument with a '/' before its ':' for a local
+	// path, so "scp f vsock%3:/root/" is the only way to name a VM there.
+	i := strings.IndexAny(host, "/%")
+	if i < 0 {
 		return Address{}, fmt.Errorf("%q is not a vmharness address (want vsock/CID, vsock-mux/PATH, unix/PATH or machine/NAME)", host)
 	}
+	kind, rest := host[:i], host[i+1:]
 	switch Kind(kind) {
 	case KindVsock:
 		cid, err := strconv.ParseUint(rest, 10, 32)

@@ -21,6 +21,12 @@ func TestParseAddress(t *testing.T) {
 		{host: "unix/./sshd.sock", want: Address{Kind: KindUnix, Path: "./sshd.sock"}},
 		{host: "unix/Tmp/A B", want: Address{Kind: KindUnix, Path: "/Tmp/A B"}},
 		{host: "machine/TEST-01-BASIC", want: Address{Kind: KindMachine, Name: "TEST-01-BASIC"}},
+		// The '%' forms scp can use.
+		{host: "vsock%3", want: Address{Kind: KindVsock, CID: 3}},
+		{host: "unix%/tmp/sshd.sock", want: Address{Kind: KindUnix, Path: "/tmp/sshd.sock"}},
+		{host: "vsock-mux%/run/vm/vsock.sock", want: Address{Kind: KindVsockMux, Path: "/run/vm/vsock.sock"}},
+		{host: "machine%boot", want: Address{Kind: KindMachine, Name: "boot"}},
+		{host: "vsock%", wantErr: "not a number"},
 
 		{host: "vsock/2", wantErr: "not a guest CID"},
 		{host: "vsock/0", wantErr: "not a guest CID"},

@@ -33,9 +33,9 @@ func (c Config) Write(w io.Writer) error {
 		}
 	}
 	_, err := fmt.Fprintf(w, `# vmharness: reach harness VMs with ssh vsock/CID, machine/NAME,
-# vsock-mux/PATH (hybrid vsock socket) or unix/PATH.
+# vsock-mux/PATH (hybrid vsock socket) or unix/PATH; scp needs vsock%%CID:PATH.
 # Use it with: ssh -F THIS_FILE machine/NAME, or Include it in ~/.ssh/config.
-Host vsock/* vsock-mux/* unix/* machine/*
+Host vsock/* vsock-mux/* unix/* machine/* vsock%%* vsock-mux%%* unix%%* machine%%*
     ProxyCommand %s ssh-proxy %%n %%p
     ProxyUseFdpass yes
     CheckHostIP no

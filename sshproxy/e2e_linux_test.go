@@ -179,7 +179,7 @@ func TestConfigWrite(t *testing.T) {
 		lines = append(lines, strings.TrimSpace(l))
 	}
 	for _, line := range []string{
-		"Host vsock/* vsock-mux/* unix/* machine/*",
+		"Host vsock/* vsock-mux/* unix/* machine/* vsock%* vsock-mux%* unix%* machine%*",
 		"ProxyCommand /usr/bin/vmharness ssh-proxy %n %p",
 		"ProxyUseFdpass yes",
 		"CheckHostIP no",
