@@ -93,6 +93,8 @@ func (b *bench) addStream(t throughput) {
 	}
 	if t.err != nil {
 		b.problem("%s: %v", t.name, t.err)
+	} else {
+		b.logf("%s: %.1f MB/s (%d bytes in %.2fs)", t.name, t.mbps(), t.got, t.elapsed.Seconds())
 	}
 	b.mu.Lock()
 	b.streams = append(b.streams, t)
@@ -356,6 +358,9 @@ func (b *bench) handle(ctx context.Context, req []string) string {
 		if l.err != nil {
 			b.problem("connection latency: %v", l.err)
 		}
+		if d := sortedCopy(l.dials); len(d) > 0 {
+			b.logf("connect latency: median %s, p95 %s over %d dials", ms(percentile(d, 50)), ms(percentile(d, 95)), len(d))
+		}
 		b.mu.Lock()
 		b.lat = l
 		b.mu.Unlock()
@@ -369,8 +374,10 @@ func (b *bench) handle(ctx context.Context, req []string) string {
 		if !b.forwarding {
 			break // nothing reaches the host
 		}
-		if err := b.journal.wait(req[1], 10*time.Minute); err != nil {
+		if err := b.journal.wait(req[1], 5*time.Minute); err != nil {
 			b.problem("journal: %v", err)
+		} else if r, ok := b.journal.result(req[1]); ok {
+			b.logf("journal %s: %.2fs from the first marker to the last", req[1], r.elapsed.Seconds())
 		}
 	case "done":
 		b.stopProfile()
