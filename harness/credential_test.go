@@ -168,6 +168,7 @@ func TestTestUnitCredentials(t *testing.T) {
 	dropin := plain["systemd.unit-dropin.t.service"]
 	assert.Contains(t, dropin, "SuccessAction=exit\nSuccessActionExitStatus=123\nFailureAction=exit\n")
 	assert.Contains(t, dropin, "StandardOutput=journal+console")
+	assert.Contains(t, dropin, "LogRateLimitBurst=1000000000")
 	assert.Contains(t, dropin, "ExecStopPost=-+/usr/bin/journalctl --sync")
 	assert.NotContains(t, dropin, "X_VMHARNESS")
 	assert.Contains(t, plain["systemd.extra-unit."+EmergencyExitUnit], "FailureActionExitStatus=124")

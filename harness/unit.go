@@ -147,6 +147,11 @@ FailureAction=exit
 [Service]
 StandardOutput=journal+console
 StandardError=journal+console
+# A test's log must not be thinned out by journald's rate limit (10000
+# messages per 30s by default). 0 would mean "journald's default" here, so
+# the limit is set out of reach instead.
+LogRateLimitIntervalSec=1s
+LogRateLimitBurst=1000000000
 # journald may still be working through the unit's output when it exits
 # (under TCG it forwards a few hundred lines a second); the success or
 # failure action would power the VM off and lose the rest. --sync returns
