@@ -93,16 +93,28 @@ func (w *journalWatch) observe(tail, data []byte) []byte {
 	buf := append(tail, data...)
 	w.mu.Lock()
 	for _, sp := range w.spans {
-		if !sp.beganAt.IsZero() && sp.endedAt.IsZero() {
-			sp.bytes += int64(len(data))
-		}
-		if sp.beganAt.IsZero() && bytes.Contains(buf, sp.begin) {
+		from := 0 // where the end marker may start in buf
+		switch {
+		case sp.beganAt.IsZero():
+			i := bytes.Index(buf, sp.begin)
+			if i < 0 {
+				continue
+			}
 			sp.beganAt = time.Now()
 			sp.beginCPU = w.sample()
+			sp.bytes = int64(len(buf) - i)
+			from = i + len(sp.begin)
+		case sp.endedAt.IsZero():
+			sp.bytes += int64(len(data))
+		default:
+			continue
 		}
-		if !sp.beganAt.IsZero() && sp.endedAt.IsZero() && bytes.Contains(buf, sp.end) {
+		// The end marker may be in the same read as the begin marker.
+		if j := bytes.Index(buf[from:], sp.end); j >= 0 {
+			j += from
 			sp.endedAt = time.Now()
 			sp.endCPU = w.sample()
+			sp.bytes -= int64(len(buf) - j - len(sp.end))
 			close(sp.endSeen)
 		}
 	}

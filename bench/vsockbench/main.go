@@ -174,7 +174,11 @@ func run(ctx context.Context, o options, out io.Writer) (int, error) {
 	}
 	b.journal = newJournalWatch(b.sample, spanJournal, spanConsole)
 	go b.receive(g2hL, "guest→host, vsock Listen", b.g2hDone)
-	go b.receive(g2hUnixL, "guest→host, Unix socket fallback", b.g2hUnixDone)
+	fallbackName := "guest→host, Unix socket fallback"
+	if transport.Kind() != vsock.KindUser {
+		fallbackName = "guest→host, vsock Listen (second port)"
+	}
+	go b.receive(g2hUnixL, fallbackName, b.g2hUnixDone)
 
 	collector, err := journalremote.New(journalremote.Config{
 		JournalPath: filepath.Join(outDir, "vsockbench.journal"),
