@@ -170,6 +170,7 @@ func TestTestUnitCredentials(t *testing.T) {
 	assert.Contains(t, dropin, "StandardOutput=journal+console")
 	assert.Contains(t, dropin, "LogRateLimitBurst=1000000000")
 	assert.Contains(t, dropin, "ExecStopPost=-+/usr/bin/journalctl --sync")
+	assert.Contains(t, dropin, "TimeoutStopSec=infinity")
 	assert.NotContains(t, dropin, "X_VMHARNESS")
 	assert.Contains(t, plain["systemd.extra-unit."+EmergencyExitUnit], "FailureActionExitStatus=124")
 	assert.Contains(t, plain["systemd.unit-dropin.emergency.target"], "Wants="+EmergencyExitUnit)
