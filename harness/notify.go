@@ -50,7 +50,6 @@ type NotifyState struct {
 	// the current boot; a reboot's EXIT_STATUS is not the test's result.
 	shutdown   string
 	lastStatus string
-	log        []string
 	events     chan NotifyMessage
 	changed    chan struct{}
 }
@@ -127,18 +126,12 @@ func (s *NotifyState) apply(m NotifyMessage) {
 		s.testStatus = &n
 	}
 	s.lastStatus = describeNotify(m)
-	if len(s.log) < maxNotifyLog {
-		s.log = append(s.log, s.lastStatus)
-	}
 	s.mu.Unlock()
 	select {
 	case s.changed <- struct{}{}:
 	default:
 	}
 }
-
-// maxNotifyLog bounds the messages kept for the failure report.
-const maxNotifyLog = 256
 
 // rebooting reports whether a shutdown of this kind boots the guest again.
 func rebooting(shutdown string) bool {
@@ -147,13 +140,6 @@ func rebooting(shutdown string) bool {
 		return true
 	}
 	return false
-}
-
-// Log returns the guest's notify messages so far, one summary each.
-func (s *NotifyState) Log() []string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return append([]string(nil), s.log...)
 }
 
 func describeNotify(m NotifyMessage) string {

@@ -12,18 +12,12 @@ import (
 	"strings"
 	"time"
 
+	mdvsock "github.com/mdlayher/vsock"
+
 	"github.com/vmharness/vmharness/harness"
 	"github.com/vmharness/vmharness/harness/registry"
 	"github.com/vmharness/vmharness/harness/sshkey"
 	"github.com/vmharness/vmharness/harness/vsock"
-)
-
-// Guest-to-host vsock ports the runner listens on. With the userspace
-// transport ports are per VM; with the kernel's, host ports are shared by
-// all VMs, so listenVsock moves on to the next free port.
-const (
-	notifyPortBase  = 0x7600
-	journalPortBase = 0x7700
 )
 
 // testRun is one `vmharness run`: it owns every resource the run creates
@@ -131,11 +125,11 @@ func (r *testRun) run(ctx context.Context) int {
 	}
 	r.defer_(func() { transport.Close() })
 
-	notifyL, notifyPort, err := listenVsock(transport, notifyPortBase)
+	notifyL, notifyPort, err := listenVsock(transport)
 	if err != nil {
 		return r.fail("listening for the guest's notifications: %v", err)
 	}
-	journalL, journalPort, err := listenVsock(transport, journalPortBase)
+	journalL, journalPort, err := listenVsock(transport)
 	if err != nil {
 		return r.fail("listening for the guest's journal: %v", err)
 	}
@@ -376,15 +370,17 @@ func (r *testRun) register(reg *registry.Registry, name string, e registry.Entry
 	return "", nil, fmt.Errorf("registering VM %s: 100 live VMs already use this name", name)
 }
 
-// listenVsock listens on the first free port from base.
-func listenVsock(t vsock.Transport, base uint32) (net.Listener, uint32, error) {
-	var lastErr error
-	for port := base; port < base+256; port++ {
-		l, err := t.Listen(port)
-		if err == nil {
-			return l, port, nil
-		}
-		lastErr = err
+// listenVsock listens on a free host port the transport picks: with the
+// kernel transport host ports are shared by every VM on the host.
+func listenVsock(t vsock.Transport) (net.Listener, uint32, error) {
+	l, err := t.Listen(0)
+	if err != nil {
+		return nil, 0, err
 	}
-	return nil, 0, lastErr
+	addr, ok := l.Addr().(*mdvsock.Addr)
+	if !ok {
+		l.Close()
+		return nil, 0, fmt.Errorf("vsock listener has address %v, not a vsock address", l.Addr())
+	}
+	return l, addr.Port, nil
 }
