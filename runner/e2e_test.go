@@ -355,3 +355,27 @@ func TestE2EKeepFailedVM(t *testing.T) {
 	}, time.Minute, 200*time.Millisecond, "the keeper exits after stop")
 	r.assertNothingLeft(t, entry.QEMUPID)
 }
+
+// TestE2EShell boots a test's VM in shell mode (what `meson test
+// --setup=shell -i` does): the test unit is installed but not started, the
+// guest reaches multi-user, and the user's shell session (here commands on
+// stdin) runs in the VM; the run ends with the shell.
+func TestE2EShell(t *testing.T) {
+	requireE2E(t)
+	bin := vmharnessBinary(t)
+	dir := t.TempDir()
+	runtime := filepath.Join(dir, "run")
+	cmd := exec.Command(bin, "run", "--shell", "--name", "shell", "--journal-dir", filepath.Join(dir, "journal"), testUnitPath("boot.service"))
+	cmd.Env = append(os.Environ(), "VMHARNESS_RUNTIME_DIR="+runtime)
+	cmd.Stdin = bytes.NewBufferString("systemctl is-system-running --wait\nsystemctl is-active boot.service\necho shell-done\nexit 0\n")
+	var stdout, stderr bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &stdout, &stderr
+	err := cmd.Run()
+	t.Logf("stdout:\n%s\nstderr:\n%s", stdout.String(), stderr.String())
+	require.NoError(t, err)
+	assert.Contains(t, stdout.String(), "running\n", "the guest booted to a running system")
+	assert.Contains(t, stdout.String(), "inactive\n", "the test unit was not started")
+	assert.Contains(t, stdout.String(), "shell-done\n")
+	r := &e2eRun{runtime: runtime}
+	r.assertNothingLeft(t, 0)
+}
