@@ -58,6 +58,7 @@ type guestParams struct {
 	Lines        int   // journal lines through systemd-cat
 	ConsoleLines int   // journal lines on the unit's stdout (journal+console)
 	LineLen      int   // bytes per journal line, without the newline
+	Repeat       int   // runs of each throughput phase
 }
 
 // journalLinePad is the filler that makes each journal line LineLen bytes:
@@ -99,14 +100,27 @@ ctl() {
 }
 ns() { date +%%s%%N; }
 
-# Perl (perl-base is essential) stands in where socat cannot help: a sink
-# that counts what it received, and an accept loop that spawns nothing
-# per connection. AF_VSOCK is 40; struct sockaddr_vm is family, reserved,
-# port, cid (VMADDR_CID_ANY), flags, 3 zero bytes.
+# Perl (perl-base is essential) stands in where socat cannot help: a
+# sender that writes one buffer over and over (what iperf does: no source
+# to read, so the guest's time goes to the socket), a sink that counts
+# what it received, and an accept loop that spawns nothing per
+# connection. AF_VSOCK is 40; struct sockaddr_vm is family, reserved,
+# port, cid, flags, 3 zero bytes.
 cat >/run/vsockbench.pl <<'EOF'
 use strict;
-my ($mode, $port, $bs) = @ARGV;
+my ($mode, $port, $bs, $n) = @ARGV;
 socket(my $s, 40, 1, 0) or die "socket: $!";
+if ($mode eq "send") {
+	connect($s, pack("SSLLCx3", 40, 0, $port, 2, 0)) or die "connect to host port $port: $!";
+	my $buf = "\0" x $bs;
+	while ($n > 0) {
+		my $w = syswrite($s, $buf, $n < $bs ? $n : $bs);
+		defined $w or die "write: $!";
+		$n -= $w;
+	}
+	close $s or die "close: $!";
+	exit 0;
+}
 bind($s, pack("SSLLCx3", 40, 0, $port, 0xFFFFFFFF, 0)) or die "bind port $port: $!";
 listen($s, 128) or die "listen: $!";
 alarm 900;
@@ -122,32 +136,52 @@ if ($mode eq "count") {
 }
 EOF
 
-ctl hello >/dev/null
+# settle waits (at most a minute) until the guest has been at least 90%%
+# idle for two seconds in a row: streams started right after boot ran at
+# a third of the later rate while the booted system was still busy.
+settle() {
+	quiet=0 waited=0
+	while [ "$quiet" -lt 2 ] && [ "$waited" -lt 60 ]; do
+		set -- $(head -n1 /proc/stat)
+		busy0=$(($2 + $3 + $4 + $7 + $8 + $9)) idle0=$(($5 + $6))
+		sleep 1
+		set -- $(head -n1 /proc/stat)
+		busy=$(($2 + $3 + $4 + $7 + $8 + $9 - busy0)) idle=$(($5 + $6 - idle0))
+		if [ $((idle * 10)) -ge $(((busy + idle) * 9)) ]; then quiet=$((quiet + 1)); else quiet=0; fi
+		waited=$((waited + 1))
+	done
+	echo "$waited"
+}
 
-# Baseline: the same socat moving the same bytes without vsock, so the
-# guest's own cost shows.
+ctl hello >/dev/null
+ctl "settled $(settle)" >/dev/null
+
+# Baseline: socat moving the same bytes without vsock, so the guest's own
+# cost of reading /dev/zero shows.
 t0=$(ns)
 socat -u -b "$B" "OPEN:/dev/zero,readbytes=$N" OPEN:/dev/null
 t1=$(ns)
 ctl "baseline $((t1 - t0))" >/dev/null
 
-t0=$(ns)
-socat -u -b "$B" "OPEN:/dev/zero,readbytes=$N" "VSOCK-CONNECT:2:%d"
-t1=$(ns)
-ctl "g2h-end $((t1 - t0))" >/dev/null
-
-t0=$(ns)
-socat -u -b "$B" "OPEN:/dev/zero,readbytes=$N" "VSOCK-CONNECT:2:%d"
-t1=$(ns)
-ctl "g2h-unix-end $((t1 - t0))" >/dev/null
-
-for phase in "h2g %d" "h2g-hybrid %d"; do
-	set -- $phase
-	perl /run/vsockbench.pl count "$2" "$B" >/run/vsockbench.count &
-	sink=$!
-	ctl "$1 $2" >/dev/null
-	wait "$sink"
-	ctl "$1-count $(cat /run/vsockbench.count)" >/dev/null
+for run in $(seq %d); do
+	for kind in write socat unix; do
+		t0=$(ns)
+		case $kind in
+		write) perl /run/vsockbench.pl send %d "$B" "$N" ;;
+		socat) socat -u -b "$B" "OPEN:/dev/zero,readbytes=$N" "VSOCK-CONNECT:2:%d" ;;
+		unix) perl /run/vsockbench.pl send %d "$B" "$N" ;;
+		esac
+		t1=$(ns)
+		ctl "g2h-end $kind $((t1 - t0))" >/dev/null
+	done
+	for phase in "h2g %d" "h2g-hybrid %d"; do
+		set -- $phase
+		perl /run/vsockbench.pl count "$2" "$B" >/run/vsockbench.count &
+		sink=$!
+		ctl "$1 $2" >/dev/null
+		wait "$sink"
+		ctl "$1-count $(cat /run/vsockbench.count)" >/dev/null
+	done
 done
 
 perl /run/vsockbench.pl accept %d &
@@ -178,7 +212,7 @@ ctl "journal-wait %s $((t1 - t0))" >/dev/null
 
 ctl done >/dev/null
 `, p.Bytes, p.BlockSize, p.Lines, p.journalLinePad(), ctlPort,
-		g2hPort, g2hUnixPort, h2gPort, h2gHybPort, latencyPort, latencyPort,
+		p.Repeat, g2hPort, g2hPort, g2hUnixPort, h2gPort, h2gHybPort, latencyPort, latencyPort,
 		jb, journalPrefix, je, spanJournal,
 		cb, consolePrefix, p.ConsoleLines, ce, spanConsole)
 }

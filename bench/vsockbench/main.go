@@ -41,6 +41,7 @@ import (
 
 type options struct {
 	sizeMiB    int64
+	repeat     int
 	blockSize  int
 	dials      int
 	lines      int
@@ -56,7 +57,8 @@ type options struct {
 
 func main() {
 	var o options
-	flag.Int64Var(&o.sizeMiB, "size", 256, "MiB per throughput phase")
+	flag.Int64Var(&o.sizeMiB, "size", 256, "MiB per throughput stream")
+	flag.IntVar(&o.repeat, "repeat", 3, "runs of each throughput phase; the table gives the median run")
 	flag.IntVar(&o.blockSize, "block", 256<<10, "guest socat and sink block size in bytes")
 	flag.IntVar(&o.dials, "dials", 200, "sequential Dials timed for the connection latency")
 	flag.IntVar(&o.lines, "lines", 20000, "journal lines the guest logs through systemd-cat (journal only)")
@@ -90,8 +92,8 @@ func run(ctx context.Context, o options, out io.Writer) (int, error) {
 	if err != nil {
 		return 2, err
 	}
-	if o.sizeMiB <= 0 || o.dials <= 0 || o.lines <= 0 || o.conLines <= 0 || o.lineLen < 30 || o.blockSize <= 0 {
-		return 2, errors.New("-size, -dials, -lines, -console-lines and -block must be positive and -line-len at least 30")
+	if o.sizeMiB <= 0 || o.repeat <= 0 || o.dials <= 0 || o.lines <= 0 || o.conLines <= 0 || o.lineLen < 30 || o.blockSize <= 0 {
+		return 2, errors.New("-size, -repeat, -dials, -lines, -console-lines and -block must be positive and -line-len at least 30")
 	}
 	recipe, err := images.Default()
 	if err != nil {
@@ -197,7 +199,7 @@ func run(ctx context.Context, o options, out io.Writer) (int, error) {
 		collector.Serve(context.WithoutCancel(ctx), b.journal.listener(journalL))
 	}()
 
-	script := guestScript(guestParams{Bytes: b.size, BlockSize: o.blockSize, Lines: o.lines, ConsoleLines: o.conLines, LineLen: o.lineLen})
+	script := guestScript(guestParams{Bytes: b.size, BlockSize: o.blockSize, Lines: o.lines, ConsoleLines: o.conLines, LineLen: o.lineLen, Repeat: o.repeat})
 	creds := []harness.Credential{
 		{Name: scriptCredName, Value: []byte(script)},
 		{Name: "vmm.notify_socket", Value: []byte(fmt.Sprintf("vsock-stream:%d:%d", vsock.HostCID, notifyPort))},
@@ -338,27 +340,29 @@ func (r *reportData) print(out io.Writer) {
 		time.Now().UTC().Format(time.RFC3339), host, r.accel.Name, r.kind, runtime.NumCPU(), r.elapsed.Seconds())
 	fmt.Fprintf(out, "MB = 10^6 bytes; CPU columns: share of one host core during the phase: QEMU (all threads), QEMU wait (its threads runnable but waiting for a CPU: other load on the machine), host (this process: vsock device, relays, collector), j-remote (systemd-journal-remote)\n\n")
 	tw := tabwriter.NewWriter(out, 0, 0, 2, ' ', tabwriter.AlignRight)
-	fmt.Fprintf(tw, "phase\tamount\ttime\trate\tQEMU\tQEMU wait\thost\tj-remote\t\n")
+	fmt.Fprintf(tw, "phase\tamount\ttime\trate\tmin–max\tQEMU\tQEMU wait\thost\tj-remote\t\n")
 	if r.baseline > 0 {
 		size := r.opts.sizeMiB << 20
-		fmt.Fprintf(tw, "guest-only: socat /dev/zero→/dev/null\t%d MiB\t%.2fs\t%.1f MB/s\t\t\t\t\t\n",
+		fmt.Fprintf(tw, "guest-only: socat /dev/zero→/dev/null\t%d MiB\t%.2fs\t%.1f MB/s\t\t\t\t\t\t\n",
 			r.opts.sizeMiB, r.baseline.Seconds(), float64(size)/r.baseline.Seconds()/1e6)
 	}
-	for _, t := range r.streams {
+	phases := summarize(r.streams)
+	for _, ph := range phases {
+		t := ph.median
 		rate := fmt.Sprintf("%.1f MB/s", t.mbps())
-		if t.err != nil {
-			rate = "FAILED"
+		if ph.failed > 0 {
+			rate = fmt.Sprintf("%d of %d FAILED", ph.failed, ph.runs)
 		}
-		fmt.Fprintf(tw, "%s\t%d MiB\t%.2fs\t%s\t%s\t%s\t%s\t%s\t\n", t.name, t.got>>20, t.elapsed.Seconds(), rate,
-			pct(t.cpu.qemu), pct(t.cpu.qemuWait), pct(t.cpu.self), pct(t.cpu.children))
+		fmt.Fprintf(tw, "%s\t%d × %d MiB\t%.2fs\t%s\t%s\t%s\t%s\t%s\t%s\t\n", t.name, ph.runs, t.want>>20, t.elapsed.Seconds(), rate,
+			ph.spread(), pct(t.cpu.qemu), pct(t.cpu.qemuWait), pct(t.cpu.self), pct(t.cpu.children))
 	}
 	if d := sortedCopy(r.lat.dials); len(d) > 0 {
-		fmt.Fprintf(tw, "connect: vsock Dial, sequential\t%d dials\tmedian %s\tp95 %s\t%s\t%s\t%s\t%s\t\n",
+		fmt.Fprintf(tw, "connect: vsock Dial, sequential\t%d dials\tmedian %s\tp95 %s\t\t%s\t%s\t%s\t%s\t\n",
 			len(d), ms(percentile(d, 50)), ms(percentile(d, 95)), pct(r.lat.cpu.qemu), pct(r.lat.cpu.qemuWait), pct(r.lat.cpu.self), pct(r.lat.cpu.children))
 	}
 	for _, sp := range r.spans {
 		if sp.guest > 0 {
-			fmt.Fprintf(tw, "  guest: logging until journald has it all\t%d lines\t%.2fs\t%.0f lines/s\t\t\t\t\t\n",
+			fmt.Fprintf(tw, "  guest: logging until journald has it all\t%d lines\t%.2fs\t%.0f lines/s\t\t\t\t\t\t\n",
 				sp.want, sp.guest.Seconds(), float64(sp.want)/sp.guest.Seconds())
 		}
 		if !sp.ok {
@@ -367,9 +371,9 @@ func (r *reportData) print(out io.Writer) {
 		j := sp.res
 		secs := j.elapsed.Seconds()
 		msg := float64(sp.want*(r.opts.lineLen+1)) / 1e6
-		fmt.Fprintf(tw, "%s\t%d lines\t%.2fs\t%.0f lines/s\t%s\t%s\t%s\t%s\t\n",
+		fmt.Fprintf(tw, "%s\t%d lines\t%.2fs\t%.0f lines/s\t\t%s\t%s\t%s\t%s\t\n",
 			sp.label, sp.want, secs, float64(sp.want)/secs, pct(j.cpu.qemu), pct(j.cpu.qemuWait), pct(j.cpu.self), pct(j.cpu.children))
-		fmt.Fprintf(tw, "  message / export-format bytes\t%.1f / %.1f MB\t\t%.2f / %.2f MB/s\t\t\t\t\t\n",
+		fmt.Fprintf(tw, "  message / export-format bytes\t%.1f / %.1f MB\t\t%.2f / %.2f MB/s\t\t\t\t\t\t\n",
 			msg, float64(j.bytes)/1e6, msg/secs, float64(j.bytes)/secs/1e6)
 	}
 	tw.Flush()
@@ -386,7 +390,8 @@ func (r *reportData) print(out io.Writer) {
 		fmt.Fprintf(out, "journal check %s: %d of %d lines in the journal file (%d with the prefix)\n", sp.name, sp.distinct, sp.want, sp.total)
 	}
 	fmt.Fprintf(out, "collector summary: %d lines of %s\n", r.unitLines, unitName)
-	for _, t := range r.streams {
+	for _, ph := range phases {
+		t := ph.median
 		var notes []string
 		if t.note != "" {
 			notes = append(notes, t.note)
@@ -398,7 +403,7 @@ func (r *reportData) print(out io.Writer) {
 			notes = append(notes, fmt.Sprintf("this process used %.2f ms CPU per MB (one core would carry %.0f MB/s)", cpuPerMB*1e3, 1/cpuPerMB))
 		}
 		if len(notes) > 0 {
-			fmt.Fprintf(out, "%s: %s\n", t.name, strings.Join(notes, "; "))
+			fmt.Fprintf(out, "%s, median run: %s\n", t.name, strings.Join(notes, "; "))
 		}
 	}
 	if r.emptyRequests > 0 {

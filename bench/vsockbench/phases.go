@@ -308,20 +308,35 @@ func (b *bench) handle(ctx context.Context, req []string) string {
 	}
 	switch req[0] {
 	case "hello":
-		b.logf("guest is up; measuring")
-		b.startProfile()
+		b.logf("guest is up; waiting for it to settle")
 	case "baseline":
 		b.mu.Lock()
 		b.baseline = time.Duration(arg(1))
 		b.mu.Unlock()
-	case "g2h-end", "g2h-unix-end":
-		done, name := b.g2hDone, "guest→host, vsock Listen"
-		if req[0] == "g2h-unix-end" {
-			done, name = b.g2hUnixDone, "guest→host, Unix socket fallback"
+	case "settled":
+		b.logf("the guest was idle after %ds; measuring", arg(1))
+		b.startProfile()
+	case "g2h-end":
+		kind := ""
+		if len(req) > 1 {
+			kind = req[1]
+		}
+		done, name := b.g2hDone, ""
+		switch kind {
+		case "write":
+			name = "guest→host, vsock Listen, write loop"
+		case "socat":
+			name = "guest→host, vsock Listen, socat"
+		case "unix":
+			done, name = b.g2hUnixDone, "guest→host, Unix socket fallback, write loop"
+		default:
+			b.problem("control: unknown guest→host stream %q", kind)
+			return "error unknown stream"
 		}
 		select {
 		case t := <-done:
-			t.note = fmt.Sprintf("guest socat took %.2fs; %s", time.Duration(arg(1)).Seconds(), t.note)
+			t.name = name
+			t.note = fmt.Sprintf("guest sender took %.2fs; %s", time.Duration(arg(2)).Seconds(), t.note)
 			b.addStream(t)
 		case <-time.After(2 * time.Minute):
 			b.problem("%s: the host saw no stream", name)
@@ -437,4 +452,54 @@ func sortedCopy(ds []time.Duration) []time.Duration {
 	s := append([]time.Duration(nil), ds...)
 	sort.Slice(s, func(i, j int) bool { return s[i] < s[j] })
 	return s
+}
+
+// phaseSummary is every run of one throughput phase.
+type phaseSummary struct {
+	runs, failed int
+	median       throughput // the run with the median rate (the lower one of two for an even count)
+	min, max     float64    // MB/s over the runs that did not fail
+}
+
+func (p phaseSummary) spread() string {
+	if p.runs-p.failed < 2 {
+		return ""
+	}
+	return fmt.Sprintf("%.1f–%.1f", p.min, p.max)
+}
+
+// summarize groups streams by phase name, in the order the phases first
+// ran.
+func summarize(streams []throughput) []phaseSummary {
+	var order []string
+	byName := map[string][]throughput{}
+	for _, t := range streams {
+		if _, ok := byName[t.name]; !ok {
+			order = append(order, t.name)
+		}
+		byName[t.name] = append(byName[t.name], t)
+	}
+	var out []phaseSummary
+	for _, name := range order {
+		runs := byName[name]
+		ps := phaseSummary{runs: len(runs)}
+		var ok []throughput
+		for _, t := range runs {
+			if t.err != nil {
+				ps.failed++
+				ps.median = t
+				continue
+			}
+			ok = append(ok, t)
+		}
+		if len(ok) > 0 {
+			sort.Slice(ok, func(i, j int) bool { return ok[i].mbps() < ok[j].mbps() })
+			ps.min, ps.max = ok[0].mbps(), ok[len(ok)-1].mbps()
+			if ps.failed == 0 {
+				ps.median = ok[(len(ok)-1)/2]
+			}
+		}
+		out = append(out, ps)
+	}
+	return out
 }
