@@ -59,6 +59,7 @@ type guestParams struct {
 	ConsoleLines int   // journal lines on the unit's stdout (journal+console)
 	LineLen      int   // bytes per journal line, without the newline
 	Repeat       int   // runs of each throughput phase
+	SenderBuffer int64 // the big-buffer sender's vsock socket buffer
 }
 
 // journalLinePad is the filler that makes each journal line LineLen bytes:
@@ -105,12 +106,20 @@ ns() { date +%%s%%N; }
 # to read, so the guest's time goes to the socket), a sink that counts
 # what it received, and an accept loop that spawns nothing per
 # connection. AF_VSOCK is 40; struct sockaddr_vm is family, reserved,
-# port, cid, flags, 3 zero bytes.
+# port, cid, flags, 3 zero bytes. The sender's optional last argument is
+# the socket's buffer size (SO_VM_SOCKETS_BUFFER_MAX_SIZE, then
+# SO_VM_SOCKETS_BUFFER_SIZE: options 2 and 0 of level AF_VSOCK, u64):
+# Linux lets no more data be in flight than its own buffer, 256 KiB by
+# default, whatever the host offers.
 cat >/run/vsockbench.pl <<'EOF'
 use strict;
-my ($mode, $port, $bs, $n) = @ARGV;
+my ($mode, $port, $bs, $n, $sockbuf) = @ARGV;
 socket(my $s, 40, 1, 0) or die "socket: $!";
 if ($mode eq "send") {
+	if ($sockbuf) {
+		setsockopt($s, 40, 2, pack("Q", $sockbuf)) or die "SO_VM_SOCKETS_BUFFER_MAX_SIZE: $!";
+		setsockopt($s, 40, 0, pack("Q", $sockbuf)) or die "SO_VM_SOCKETS_BUFFER_SIZE: $!";
+	}
 	connect($s, pack("SSLLCx3", 40, 0, $port, 2, 0)) or die "connect to host port $port: $!";
 	my $buf = "\0" x $bs;
 	while ($n > 0) {
@@ -164,10 +173,11 @@ t1=$(ns)
 ctl "baseline $((t1 - t0))" >/dev/null
 
 for run in $(seq %d); do
-	for kind in write socat unix; do
+	for kind in write write-bigbuf socat unix; do
 		t0=$(ns)
 		case $kind in
 		write) perl /run/vsockbench.pl send %d "$B" "$N" ;;
+		write-bigbuf) perl /run/vsockbench.pl send %d "$B" "$N" %d ;;
 		socat) socat -u -b "$B" "OPEN:/dev/zero,readbytes=$N" "VSOCK-CONNECT:2:%d" ;;
 		unix) perl /run/vsockbench.pl send %d "$B" "$N" ;;
 		esac
@@ -212,7 +222,7 @@ ctl "journal-wait %s $((t1 - t0))" >/dev/null
 
 ctl done >/dev/null
 `, p.Bytes, p.BlockSize, p.Lines, p.journalLinePad(), ctlPort,
-		p.Repeat, g2hPort, g2hPort, g2hUnixPort, h2gPort, h2gHybPort, latencyPort, latencyPort,
+		p.Repeat, g2hPort, g2hPort, p.SenderBuffer, g2hPort, g2hUnixPort, h2gPort, h2gHybPort, latencyPort, latencyPort,
 		jb, journalPrefix, je, spanJournal,
 		cb, consolePrefix, p.ConsoleLines, ce, spanConsole)
 }

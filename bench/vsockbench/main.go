@@ -42,6 +42,7 @@ import (
 type options struct {
 	sizeMiB    int64
 	repeat     int
+	sockBuf    int64
 	blockSize  int
 	dials      int
 	lines      int
@@ -59,6 +60,7 @@ func main() {
 	var o options
 	flag.Int64Var(&o.sizeMiB, "size", 256, "MiB per throughput stream")
 	flag.IntVar(&o.repeat, "repeat", 3, "runs of each throughput phase; the table gives the median run")
+	flag.Int64Var(&o.sockBuf, "sender-buffer", 4<<20, "vsock socket buffer in bytes of the guest's big-buffer sender (Linux's default is 256 KiB)")
 	flag.IntVar(&o.blockSize, "block", 256<<10, "guest socat and sink block size in bytes")
 	flag.IntVar(&o.dials, "dials", 200, "sequential Dials timed for the connection latency")
 	flag.IntVar(&o.lines, "lines", 20000, "journal lines the guest logs through systemd-cat (journal only)")
@@ -92,8 +94,8 @@ func run(ctx context.Context, o options, out io.Writer) (int, error) {
 	if err != nil {
 		return 2, err
 	}
-	if o.sizeMiB <= 0 || o.repeat <= 0 || o.dials <= 0 || o.lines <= 0 || o.conLines <= 0 || o.lineLen < 30 || o.blockSize <= 0 {
-		return 2, errors.New("-size, -repeat, -dials, -lines, -console-lines and -block must be positive and -line-len at least 30")
+	if o.sizeMiB <= 0 || o.repeat <= 0 || o.sockBuf <= 0 || o.dials <= 0 || o.lines <= 0 || o.conLines <= 0 || o.lineLen < 30 || o.blockSize <= 0 {
+		return 2, errors.New("-size, -repeat, -sender-buffer, -dials, -lines, -console-lines and -block must be positive and -line-len at least 30")
 	}
 	recipe, err := images.Default()
 	if err != nil {
@@ -166,6 +168,7 @@ func run(ctx context.Context, o options, out io.Writer) (int, error) {
 	b := &bench{
 		transport:    transport,
 		size:         o.sizeMiB << 20,
+		senderBuffer: o.sockBuf,
 		dials:        o.dials,
 		logf:         logf,
 		profile:      o.cpuProfile,
@@ -199,7 +202,7 @@ func run(ctx context.Context, o options, out io.Writer) (int, error) {
 		collector.Serve(context.WithoutCancel(ctx), b.journal.listener(journalL))
 	}()
 
-	script := guestScript(guestParams{Bytes: b.size, BlockSize: o.blockSize, Lines: o.lines, ConsoleLines: o.conLines, LineLen: o.lineLen, Repeat: o.repeat})
+	script := guestScript(guestParams{Bytes: b.size, BlockSize: o.blockSize, Lines: o.lines, ConsoleLines: o.conLines, LineLen: o.lineLen, Repeat: o.repeat, SenderBuffer: o.sockBuf})
 	creds := []harness.Credential{
 		{Name: scriptCredName, Value: []byte(script)},
 		{Name: "vmm.notify_socket", Value: []byte(fmt.Sprintf("vsock-stream:%d:%d", vsock.HostCID, notifyPort))},

@@ -49,10 +49,12 @@ type latency struct {
 type bench struct {
 	transport vsock.Transport
 	size      int64
-	dials     int
-	logf      func(format string, args ...any)
-	profile   string // CPU profile file, "" for none
-	journal   *journalWatch
+	// senderBuffer is the big-buffer guest sender's socket buffer.
+	senderBuffer int64
+	dials        int
+	logf         func(format string, args ...any)
+	profile      string // CPU profile file, "" for none
+	journal      *journalWatch
 	// forwarding is false when the guest journal is not forwarded (to
 	// time the guest's journald alone).
 	forwarding bool
@@ -325,6 +327,8 @@ func (b *bench) handle(ctx context.Context, req []string) string {
 		switch kind {
 		case "write":
 			name = "guest→host, vsock Listen, write loop"
+		case "write-bigbuf":
+			name = fmt.Sprintf("guest→host, vsock Listen, write loop, %d KiB socket buffer", b.senderBuffer>>10)
 		case "socat":
 			name = "guest→host, vsock Listen, socat"
 		case "unix":
