@@ -19,6 +19,7 @@ const (
 	ctlPort     = 5000 // host: the guest's control requests, one per connection
 	g2hPort     = 5001 // host: guest→host stream, vsock listener in this process
 	g2hUnixPort = 5002 // host: guest→host stream, through the transport's Unix socket fallback
+	g2hParPort  = 5003 // host: guest→host parallel streams, vsock listener in this process
 	h2gPort     = 6001 // guest: host→guest stream, host Dials
 	h2gHybPort  = 6002 // guest: host→guest stream, host CONNECTs through the hybrid socket
 	latencyPort = 6003 // guest: accept-and-close loop for the connection latency
@@ -60,6 +61,7 @@ type guestParams struct {
 	LineLen      int   // bytes per journal line, without the newline
 	Repeat       int   // runs of each throughput phase
 	SenderBuffer int64 // the big-buffer sender's vsock socket buffer
+	Streams      int   // connections of the parallel guest→host phase
 }
 
 // journalLinePad is the filler that makes each journal line LineLen bytes:
@@ -173,11 +175,19 @@ t1=$(ns)
 ctl "baseline $((t1 - t0))" >/dev/null
 
 for run in $(seq %d); do
-	for kind in write write-bigbuf socat unix; do
+	for kind in write write-bigbuf parallel socat unix; do
 		t0=$(ns)
 		case $kind in
 		write) perl /run/vsockbench.pl send %d "$B" "$N" ;;
 		write-bigbuf) perl /run/vsockbench.pl send %d "$B" "$N" %d ;;
+		parallel)
+			# S senders share the N bytes; the first takes the remainder.
+			S=%d pids=""
+			for i in $(seq "$S"); do
+				perl /run/vsockbench.pl send %d "$B" $((N / S + (i == 1 ? N %% S : 0))) &
+				pids="$pids $!"
+			done
+			for pid in $pids; do wait "$pid"; done ;;
 		socat) socat -u -b "$B" "OPEN:/dev/zero,readbytes=$N" "VSOCK-CONNECT:2:%d" ;;
 		unix) perl /run/vsockbench.pl send %d "$B" "$N" ;;
 		esac
@@ -222,7 +232,7 @@ ctl "journal-wait %s $((t1 - t0))" >/dev/null
 
 ctl done >/dev/null
 `, p.Bytes, p.BlockSize, p.Lines, p.journalLinePad(), ctlPort,
-		p.Repeat, g2hPort, g2hPort, p.SenderBuffer, g2hPort, g2hUnixPort, h2gPort, h2gHybPort, latencyPort, latencyPort,
+		p.Repeat, g2hPort, g2hPort, p.SenderBuffer, p.Streams, g2hParPort, g2hPort, g2hUnixPort, h2gPort, h2gHybPort, latencyPort, latencyPort,
 		jb, journalPrefix, je, spanJournal,
 		cb, consolePrefix, p.ConsoleLines, ce, spanConsole)
 }

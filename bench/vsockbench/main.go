@@ -43,6 +43,7 @@ type options struct {
 	sizeMiB    int64
 	repeat     int
 	sockBuf    int64
+	streams    int
 	blockSize  int
 	dials      int
 	lines      int
@@ -60,6 +61,7 @@ func main() {
 	var o options
 	flag.Int64Var(&o.sizeMiB, "size", 256, "MiB per throughput stream")
 	flag.IntVar(&o.repeat, "repeat", 3, "runs of each throughput phase; the table gives the median run")
+	flag.IntVar(&o.streams, "streams", 4, "concurrent connections of the parallel guest→host phase")
 	flag.Int64Var(&o.sockBuf, "sender-buffer", 4<<20, "vsock socket buffer in bytes of the guest's big-buffer sender (Linux's default is 256 KiB)")
 	flag.IntVar(&o.blockSize, "block", 256<<10, "guest socat and sink block size in bytes")
 	flag.IntVar(&o.dials, "dials", 200, "sequential Dials timed for the connection latency")
@@ -94,8 +96,8 @@ func run(ctx context.Context, o options, out io.Writer) (int, error) {
 	if err != nil {
 		return 2, err
 	}
-	if o.sizeMiB <= 0 || o.repeat <= 0 || o.sockBuf <= 0 || o.dials <= 0 || o.lines <= 0 || o.conLines <= 0 || o.lineLen < 30 || o.blockSize <= 0 {
-		return 2, errors.New("-size, -repeat, -sender-buffer, -dials, -lines, -console-lines and -block must be positive and -line-len at least 30")
+	if o.sizeMiB <= 0 || o.repeat <= 0 || o.sockBuf <= 0 || o.streams <= 0 || o.dials <= 0 || o.lines <= 0 || o.conLines <= 0 || o.lineLen < 30 || o.blockSize <= 0 {
+		return 2, errors.New("-size, -repeat, -sender-buffer, -streams, -dials, -lines, -console-lines and -block must be positive and -line-len at least 30")
 	}
 	recipe, err := images.Default()
 	if err != nil {
@@ -174,6 +176,8 @@ func run(ctx context.Context, o options, out io.Writer) (int, error) {
 		profile:      o.cpuProfile,
 		g2hDone:      make(chan throughput, 1),
 		g2hUnixDone:  make(chan throughput, 1),
+		g2hParDone:   make(chan throughput, 1),
+		parallel:     o.streams,
 		forwarding:   o.forward,
 		journalGuest: make(map[string]time.Duration),
 	}
@@ -184,6 +188,12 @@ func run(ctx context.Context, o options, out io.Writer) (int, error) {
 		fallbackName = "guest→host, vsock Listen (second port)"
 	}
 	go b.receive(g2hUnixL, fallbackName, b.g2hUnixDone)
+	g2hParL, err := transport.Listen(g2hParPort)
+	if err != nil {
+		return 1, err
+	}
+	defer g2hParL.Close()
+	go b.receiveParallel(g2hParL, "guest→host, vsock Listen, parallel", b.g2hParDone)
 
 	collector, err := journalremote.New(journalremote.Config{
 		JournalPath: filepath.Join(outDir, "vsockbench.journal"),
@@ -202,7 +212,7 @@ func run(ctx context.Context, o options, out io.Writer) (int, error) {
 		collector.Serve(context.WithoutCancel(ctx), b.journal.listener(journalL))
 	}()
 
-	script := guestScript(guestParams{Bytes: b.size, BlockSize: o.blockSize, Lines: o.lines, ConsoleLines: o.conLines, LineLen: o.lineLen, Repeat: o.repeat, SenderBuffer: o.sockBuf})
+	script := guestScript(guestParams{Bytes: b.size, BlockSize: o.blockSize, Lines: o.lines, ConsoleLines: o.conLines, LineLen: o.lineLen, Repeat: o.repeat, SenderBuffer: o.sockBuf, Streams: o.streams})
 	creds := []harness.Credential{
 		{Name: scriptCredName, Value: []byte(script)},
 		{Name: "vmm.notify_socket", Value: []byte(fmt.Sprintf("vsock-stream:%d:%d", vsock.HostCID, notifyPort))},

@@ -64,6 +64,8 @@ type bench struct {
 	// Guest→host streams, as the readers finish them.
 	g2hDone     chan throughput
 	g2hUnixDone chan throughput
+	g2hParDone  chan throughput
+	parallel    int // connections of the parallel phase
 
 	mu       sync.Mutex
 	baseline time.Duration // guest socat /dev/zero → /dev/null
@@ -112,6 +114,76 @@ func (b *bench) receive(l net.Listener, name string, done chan<- throughput) {
 			return
 		}
 		done <- b.measureRead(c, name)
+	}
+}
+
+// receiveParallel measures groups of b.parallel concurrent guest→host
+// streams accepted on l: the bytes of the whole group, from the first byte
+// of any stream to the EOF of the last.
+func (b *bench) receiveParallel(l net.Listener, name string, done chan<- throughput) {
+	var group *parallelGroup
+	waiting := 0 // connections the current group still expects
+	for {
+		c, err := l.Accept()
+		if err != nil {
+			return
+		}
+		if waiting == 0 {
+			group = &parallelGroup{t: throughput{name: name, want: b.size}}
+			waiting = b.parallel
+		}
+		waiting--
+		group.wg.Add(1)
+		go b.readInGroup(c, group)
+		if waiting == 0 {
+			go func(group *parallelGroup) {
+				group.wg.Wait()
+				if !group.start.IsZero() {
+					end := b.sample()
+					group.t.elapsed = end.at.Sub(group.start)
+					group.t.cpu = group.begin.to(end)
+				}
+				done <- group.t
+			}(group)
+		}
+	}
+}
+
+// parallelGroup is one run of the parallel phase.
+type parallelGroup struct {
+	wg    sync.WaitGroup
+	mu    sync.Mutex
+	t     throughput
+	start time.Time
+	begin cpuSample
+}
+
+func (b *bench) readInGroup(c net.Conn, g *parallelGroup) {
+	defer g.wg.Done()
+	defer c.Close()
+	buf := make([]byte, 256<<10)
+	for {
+		n, err := c.Read(buf)
+		if n > 0 {
+			g.mu.Lock()
+			if g.start.IsZero() {
+				g.start = time.Now()
+				g.begin = b.sample()
+			}
+			g.t.got += int64(n)
+			g.mu.Unlock()
+		}
+		if errors.Is(err, io.EOF) {
+			return
+		}
+		if err != nil {
+			g.mu.Lock()
+			if g.t.err == nil {
+				g.t.err = err
+			}
+			g.mu.Unlock()
+			return
+		}
 	}
 }
 
@@ -329,6 +401,8 @@ func (b *bench) handle(ctx context.Context, req []string) string {
 			name = "guest→host, vsock Listen, write loop"
 		case "write-bigbuf":
 			name = fmt.Sprintf("guest→host, vsock Listen, write loop, %d KiB socket buffer", b.senderBuffer>>10)
+		case "parallel":
+			done, name = b.g2hParDone, fmt.Sprintf("guest→host, vsock Listen, write loop, %d streams", b.parallel)
 		case "socat":
 			name = "guest→host, vsock Listen, socat"
 		case "unix":
