@@ -414,7 +414,12 @@ func (b *bench) handle(ctx context.Context, req []string) string {
 		select {
 		case t := <-done:
 			t.name = name
-			t.note = fmt.Sprintf("guest sender took %.2fs; %s", time.Duration(arg(2)).Seconds(), t.note)
+			sender := fmt.Sprintf("guest sender took %.2fs", time.Duration(arg(2)).Seconds())
+			if t.note == "" {
+				t.note = sender
+			} else {
+				t.note = sender + "; " + t.note
+			}
 			b.addStream(t)
 		case <-time.After(2 * time.Minute):
 			b.problem("%s: the host saw no stream", name)
