@@ -401,6 +401,14 @@ wait:
 }
 
 func (m *Machine) outcome(killReason string, waitErr error, res *Result) Outcome {
+	return decideOutcome(killReason, waitErr, m.notify.heard(), res)
+}
+
+// decideOutcome maps how the run ended to the test's outcome: the reason
+// the harness killed QEMU, QEMU's exit error, whether the guest's service
+// manager was ever heard, and what the result has collected (EXIT_STATUS,
+// console tail, QEMU's stderr).
+func decideOutcome(killReason string, waitErr error, heard bool, res *Result) Outcome {
 	if killReason != "" {
 		return Outcome{ExitCode: ExitFail, Reason: killReason}
 	}
@@ -410,12 +418,17 @@ func (m *Machine) outcome(killReason string, waitErr error, res *Result) Outcome
 	if line := findPanic(res.ConsoleTail); line != "" {
 		return Outcome{ExitCode: ExitFail, Reason: "guest kernel panicked: " + line}
 	}
-	if waitErr != nil && m.notify.heard() {
-		// pvpanic makes QEMU exit with a failure status; the console may
-		// not have flushed the panic message.
+	if waitErr != nil && heard {
+		// QEMU says why when it stops on an error of its own (a device
+		// failing, say); on the pvpanic event it exits with a failure
+		// status and says nothing, and the console may not have flushed
+		// the panic message.
+		if msg := lastErrorLine(res.QEMUStderr); msg != "" {
+			return Outcome{ExitCode: ExitFail, Reason: "QEMU stopped with an error (" + waitErr.Error() + "): " + msg}
+		}
 		return Outcome{ExitCode: ExitFail, Reason: "guest kernel panicked (QEMU exited on the pvpanic event: " + waitErr.Error() + ")"}
 	}
-	if waitErr != nil && !m.notify.heard() {
+	if waitErr != nil {
 		// QEMU failed before the guest got anywhere: a harness problem
 		// (bad arguments, device setup), not a test failure.
 		msg := lastLine(res.QEMUStderr)
@@ -446,6 +459,18 @@ func findPanic(lines []string) string {
 	for _, l := range lines {
 		if strings.Contains(l, "Kernel panic") || strings.Contains(l, "kernel BUG at") {
 			return strings.TrimSpace(l)
+		}
+	}
+	return ""
+}
+
+// lastErrorLine returns QEMU's last output line that is not a warning
+// (QEMU warns at start-up about CPU features TCG lacks, for example).
+func lastErrorLine(s string) string {
+	lines := strings.Split(strings.TrimSpace(s), "\n")
+	for i := len(lines) - 1; i >= 0; i-- {
+		if l := strings.TrimSpace(lines[i]); l != "" && !strings.Contains(l, "warning:") {
+			return l
 		}
 	}
 	return ""

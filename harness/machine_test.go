@@ -2,6 +2,7 @@ package harness
 
 import (
 	"context"
+	"errors"
 	"net"
 	"os"
 	"os/exec"
@@ -95,4 +96,46 @@ func TestNewMachineErrors(t *testing.T) {
 	_, err = NewMachine(context.Background(), Config{Image: img, Transport: fakeTransport{}, NotifyListener: l, WorkDir: dir})
 	require.Error(t, err)
 	assert.Contains(t, err.Error(), "image file missing")
+}
+
+func TestDecideOutcome(t *testing.T) {
+	exit1 := errors.New("exit status 1")
+	tests := []struct {
+		name       string
+		killReason string
+		waitErr    error
+		heard      bool
+		res        Result
+		wantCode   int
+		wantReason string
+	}{
+		{name: "harness killed it", killReason: "test timed out after 1m0s", heard: true,
+			res: Result{HasExitStatus: true, ExitStatus: GuestStatusPass}, wantCode: ExitFail, wantReason: "test timed out"},
+		{name: "EXIT_STATUS decides", heard: true, res: Result{HasExitStatus: true, ExitStatus: GuestStatusSkip},
+			wantCode: ExitSkip, wantReason: "skipped"},
+		{name: "panic on the console", waitErr: exit1, heard: true,
+			res:      Result{ConsoleTail: []string{"[ 3.1] Kernel panic - not syncing: sysrq triggered crash"}, QEMUStderr: "qemu: some error"},
+			wantCode: ExitFail, wantReason: "guest kernel panicked: [ 3.1] Kernel panic"},
+		{name: "pvpanic exit without a console line", waitErr: exit1, heard: true,
+			wantCode: ExitFail, wantReason: "guest kernel panicked (QEMU exited on the pvpanic event: exit status 1)"},
+		{name: "a start-up warning is not QEMU's error", waitErr: exit1, heard: true,
+			res:      Result{QEMUStderr: "qemu-system-x86_64: warning: TCG doesn't support requested feature: CPUID.01H:ECX.vmx [bit 5]\n"},
+			wantCode: ExitFail, wantReason: "guest kernel panicked (QEMU exited on the pvpanic event"},
+		{name: "QEMU's own error after the guest spoke", waitErr: exit1, heard: true,
+			res:      Result{QEMUStderr: "qemu-system-x86_64: warning: something\nqemu-system-x86_64: Failed to read msg header. Read 0 instead of 12.\n"},
+			wantCode: ExitFail, wantReason: "QEMU stopped with an error (exit status 1): qemu-system-x86_64: Failed to read msg header"},
+		{name: "QEMU failed before the guest spoke", waitErr: exit1,
+			res:      Result{QEMUStderr: "qemu-system-x86_64: -device foo: 'foo' is not a valid device model name\n"},
+			wantCode: ExitHarnessError, wantReason: "QEMU failed: qemu-system-x86_64: -device foo"},
+		{name: "clean exit without EXIT_STATUS", heard: true,
+			wantCode: ExitFail, wantReason: "VM stopped without the test's success action"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			res := tt.res
+			got := decideOutcome(tt.killReason, tt.waitErr, tt.heard, &res)
+			assert.Equal(t, tt.wantCode, got.ExitCode)
+			assert.Contains(t, got.Reason, tt.wantReason)
+		})
+	}
 }
