@@ -4,15 +4,12 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
 	"time"
-
-	mdvsock "github.com/mdlayher/vsock"
 
 	"github.com/vmharness/vmharness/harness"
 	"github.com/vmharness/vmharness/harness/registry"
@@ -125,11 +122,11 @@ func (r *testRun) run(ctx context.Context) int {
 	}
 	r.defer_(func() { transport.Close() })
 
-	notifyL, notifyPort, err := listenVsock(transport)
+	notifyL, notifyPort, err := vsock.ListenFree(transport)
 	if err != nil {
 		return r.fail("listening for the guest's notifications: %v", err)
 	}
-	journalL, journalPort, err := listenVsock(transport)
+	journalL, journalPort, err := vsock.ListenFree(transport)
 	if err != nil {
 		return r.fail("listening for the guest's journal: %v", err)
 	}
@@ -368,19 +365,4 @@ func (r *testRun) register(reg *registry.Registry, name string, e registry.Entry
 		return e.Name, g, nil
 	}
 	return "", nil, fmt.Errorf("registering VM %s: 100 live VMs already use this name", name)
-}
-
-// listenVsock listens on a free host port the transport picks: with the
-// kernel transport host ports are shared by every VM on the host.
-func listenVsock(t vsock.Transport) (net.Listener, uint32, error) {
-	l, err := t.Listen(0)
-	if err != nil {
-		return nil, 0, err
-	}
-	addr, ok := l.Addr().(*mdvsock.Addr)
-	if !ok {
-		l.Close()
-		return nil, 0, fmt.Errorf("vsock listener has address %v, not a vsock address", l.Addr())
-	}
-	return l, addr.Port, nil
 }

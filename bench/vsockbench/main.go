@@ -31,8 +31,6 @@ import (
 	"text/tabwriter"
 	"time"
 
-	mdvsock "github.com/mdlayher/vsock"
-
 	"github.com/vmharness/vmharness/harness"
 	"github.com/vmharness/vmharness/harness/vsock"
 	"github.com/vmharness/vmharness/images"
@@ -136,11 +134,11 @@ func run(ctx context.Context, o options, out io.Writer) (int, error) {
 	}
 	defer transport.Close()
 
-	notifyL, notifyPort, err := listenAny(transport)
+	notifyL, notifyPort, err := vsock.ListenFree(transport)
 	if err != nil {
 		return 1, fmt.Errorf("listening for the guest's notifications: %w", err)
 	}
-	journalL, journalPort, err := listenAny(transport)
+	journalL, journalPort, err := vsock.ListenFree(transport)
 	if err != nil {
 		return 1, fmt.Errorf("listening for the guest's journal: %w", err)
 	}
@@ -306,20 +304,6 @@ func run(ctx context.Context, o options, out io.Writer) (int, error) {
 		return 1, nil
 	}
 	return 0, nil
-}
-
-// listenAny listens on a free host port.
-func listenAny(t vsock.Transport) (net.Listener, uint32, error) {
-	l, err := t.Listen(0)
-	if err != nil {
-		return nil, 0, err
-	}
-	a, ok := l.Addr().(*mdvsock.Addr)
-	if !ok {
-		l.Close()
-		return nil, 0, fmt.Errorf("listener address %v is not a vsock address", l.Addr())
-	}
-	return l, a.Port, nil
 }
 
 type reportData struct {

@@ -45,8 +45,11 @@ package vsock
 
 import (
 	"context"
+	"fmt"
 	"net"
 	"os"
+
+	"github.com/mdlayher/vsock"
 )
 
 // HostCID is the CID under which the guest reaches the host.
@@ -84,4 +87,19 @@ type Transport interface {
 	// "CONNECT <port>\n" / "OK <n>\n" convention, or "" if there is none.
 	HybridSocket() string
 	Close() error
+}
+
+// ListenFree listens on a free host port of t and returns the port, which
+// the guest needs to be told (in a credential, say).
+func ListenFree(t Transport) (net.Listener, uint32, error) {
+	l, err := t.Listen(0)
+	if err != nil {
+		return nil, 0, err
+	}
+	addr, ok := l.Addr().(*vsock.Addr)
+	if !ok {
+		l.Close()
+		return nil, 0, fmt.Errorf("vsock listener has address %v, not a vsock address", l.Addr())
+	}
+	return l, addr.Port, nil
 }

@@ -383,3 +383,20 @@ func TestUserQEMUArgsEscapeCommas(t *testing.T) {
 	defer tr.Close()
 	assert.Equal(t, "socket,id=vhostvsock,path="+filepath.Dir(dir)+"/a,,b/vhost-user.sock", tr.QEMUArgs()[1])
 }
+
+func TestListenFree(t *testing.T) {
+	dir := t.TempDir()
+	require.NoError(t, os.Chmod(dir, 0o700))
+	tr, err := New(context.Background(), Config{Mode: ModeUser, RuntimeDir: dir})
+	require.NoError(t, err)
+	defer tr.Close()
+	l1, port1, err := ListenFree(tr)
+	require.NoError(t, err)
+	defer l1.Close()
+	l2, port2, err := ListenFree(tr)
+	require.NoError(t, err)
+	defer l2.Close()
+	assert.NotZero(t, port1)
+	assert.NotEqual(t, port1, port2, "each call gets its own port")
+	assert.Equal(t, port1, l1.Addr().(*vsock.Addr).Port)
+}
