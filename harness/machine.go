@@ -418,6 +418,16 @@ func decideOutcome(killReason string, waitErr error, heard bool, res *Result) Ou
 	if line := findPanic(res.ConsoleTail); line != "" {
 		return Outcome{ExitCode: ExitFail, Reason: "guest kernel panicked: " + line}
 	}
+	if sig, ok := killedBy(waitErr); ok {
+		// Nothing in the harness sends QEMU a signal it dies of once the
+		// run was not asked to stop: QEMU crashed or something on the host
+		// (the OOM killer, a user) killed it. Not the test's doing.
+		reason := "QEMU was killed by signal " + sig
+		if msg := lastErrorLine(res.QEMUStderr); msg != "" {
+			reason += ": " + msg
+		}
+		return Outcome{ExitCode: ExitHarnessError, Reason: reason}
+	}
 	if waitErr != nil && heard {
 		// QEMU says why when it stops on an error of its own (a device
 		// failing, say); on the pvpanic event it exits with a failure
@@ -431,7 +441,7 @@ func decideOutcome(killReason string, waitErr error, heard bool, res *Result) Ou
 	if waitErr != nil {
 		// QEMU failed before the guest got anywhere: a harness problem
 		// (bad arguments, device setup), not a test failure.
-		msg := lastLine(res.QEMUStderr)
+		msg := lastErrorLine(res.QEMUStderr)
 		if msg == "" {
 			msg = waitErr.Error()
 		}
@@ -476,12 +486,18 @@ func lastErrorLine(s string) string {
 	return ""
 }
 
-func lastLine(s string) string {
-	s = strings.TrimSpace(s)
-	if i := strings.LastIndexByte(s, '\n'); i >= 0 {
-		return s[i+1:]
+// killedBy reports the signal QEMU died of, if its exit error says it
+// died of one.
+func killedBy(waitErr error) (string, bool) {
+	var exitErr *exec.ExitError
+	if !errors.As(waitErr, &exitErr) {
+		return "", false
 	}
-	return s
+	ws, ok := exitErr.Sys().(syscall.WaitStatus)
+	if !ok || !ws.Signaled() {
+		return "", false
+	}
+	return ws.Signal().String(), true
 }
 
 // consoleTail returns the last n lines of the console log, with carriage

@@ -2,7 +2,6 @@ package harness
 
 import (
 	"context"
-	"errors"
 	"net"
 	"os"
 	"os/exec"
@@ -98,8 +97,17 @@ func TestNewMachineErrors(t *testing.T) {
 	assert.Contains(t, err.Error(), "image file missing")
 }
 
+// exitError returns the error of a real process that ended as the shell
+// command says.
+func exitError(t *testing.T, shell string) error {
+	err := exec.Command("/bin/sh", "-c", shell).Run()
+	require.Error(t, err)
+	return err
+}
+
 func TestDecideOutcome(t *testing.T) {
-	exit1 := errors.New("exit status 1")
+	exit1 := exitError(t, "exit 1")
+	killed := exitError(t, "kill -KILL $$")
 	tests := []struct {
 		name       string
 		killReason string
@@ -127,6 +135,14 @@ func TestDecideOutcome(t *testing.T) {
 		{name: "QEMU failed before the guest spoke", waitErr: exit1,
 			res:      Result{QEMUStderr: "qemu-system-x86_64: -device foo: 'foo' is not a valid device model name\n"},
 			wantCode: ExitHarnessError, wantReason: "QEMU failed: qemu-system-x86_64: -device foo"},
+		{name: "QEMU killed by a signal mid-run", waitErr: killed, heard: true,
+			wantCode: ExitHarnessError, wantReason: "QEMU was killed by signal killed"},
+		{name: "QEMU crashed with a message", waitErr: exitError(t, "kill -ABRT $$"), heard: true,
+			res:      Result{QEMUStderr: "qemu-system-x86_64: ../hw/virtio/virtio.c:123: assertion failed\n"},
+			wantCode: ExitHarnessError, wantReason: "QEMU was killed by signal aborted: qemu-system-x86_64: ../hw/virtio/virtio.c:123: assertion failed"},
+		{name: "QEMU failed before the guest spoke, warning first", waitErr: exit1,
+			res:      Result{QEMUStderr: "qemu-system-x86_64: -machine q35: bad option\nqemu-system-x86_64: warning: late warning\n"},
+			wantCode: ExitHarnessError, wantReason: "QEMU failed: qemu-system-x86_64: -machine q35: bad option"},
 		{name: "clean exit without EXIT_STATUS", heard: true,
 			wantCode: ExitFail, wantReason: "VM stopped without the test's success action"},
 	}

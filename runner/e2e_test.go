@@ -179,6 +179,31 @@ func TestE2ESIGTERM(t *testing.T) {
 	assert.NoError(t, err)
 }
 
+// TestE2EQEMUKilled kills QEMU from outside while the test runs (what the
+// OOM killer or a QEMU crash does): the runner must call it a harness
+// error naming the signal, not a guest panic or a test failure, and leave
+// nothing behind.
+func TestE2EQEMUKilled(t *testing.T) {
+	requireE2E(t)
+	r := startRun(t, "--name", "qemu-killed", testUnitPath("hang.service"))
+	reg, err := registry.Open(r.runtime)
+	require.NoError(t, err)
+	var qemuPID int
+	require.Eventually(t, func() bool {
+		e, err := reg.Lookup("qemu-killed")
+		qemuPID = e.QEMUPID
+		return err == nil && e.QEMUPID > 0
+	}, 10*time.Minute, 200*time.Millisecond, "the VM never started")
+	time.Sleep(5 * time.Second)
+
+	require.NoError(t, syscall.Kill(qemuPID, syscall.SIGKILL))
+	r.wait(t)
+	assert.Equal(t, 99, r.exitCode)
+	assert.Contains(t, r.stderr.String(), "QEMU was killed by signal killed")
+	assert.NotContains(t, r.stderr.String(), "panicked")
+	r.assertNothingLeft(t, qemuPID)
+}
+
 // TestE2EJournalFlood checks that nothing is lost at the end: 20,000 lines
 // and a marker logged right before the unit fails (and FailureAction powers
 // the VM off) are all in the kept journal, and the failure summary shows
