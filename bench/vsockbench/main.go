@@ -180,18 +180,18 @@ func run(ctx context.Context, o options, out io.Writer) (int, error) {
 		journalGuest: make(map[string]time.Duration),
 	}
 	b.journal = newJournalWatch(b.sample, spanJournal, spanConsole)
-	go b.receive(g2hL, "guest→host, vsock Listen", b.g2hDone)
+	go b.receive(g2hL, "guest→host, vsock Listen", 1, b.g2hDone)
 	fallbackName := "guest→host, Unix socket fallback"
 	if transport.Kind() != vsock.KindUser {
 		fallbackName = "guest→host, vsock Listen (second port)"
 	}
-	go b.receive(g2hUnixL, fallbackName, b.g2hUnixDone)
+	go b.receive(g2hUnixL, fallbackName, 1, b.g2hUnixDone)
 	g2hParL, err := transport.Listen(g2hParPort)
 	if err != nil {
 		return 1, err
 	}
 	defer g2hParL.Close()
-	go b.receiveParallel(g2hParL, "guest→host, vsock Listen, parallel", b.g2hParDone)
+	go b.receive(g2hParL, "guest→host, vsock Listen, parallel", o.streams, b.g2hParDone)
 
 	collector, err := journalremote.New(journalremote.Config{
 		JournalPath: filepath.Join(outDir, "vsockbench.journal"),

@@ -105,23 +105,11 @@ func (b *bench) addStream(t throughput) {
 	b.mu.Unlock()
 }
 
-// receive measures every guest→host stream accepted on l, from its first
-// byte to its EOF.
-func (b *bench) receive(l net.Listener, name string, done chan<- throughput) {
-	for {
-		c, err := l.Accept()
-		if err != nil {
-			return
-		}
-		done <- b.measureRead(c, name)
-	}
-}
-
-// receiveParallel measures groups of b.parallel concurrent guest→host
-// streams accepted on l: the bytes of the whole group, from the first byte
-// of any stream to the EOF of the last.
-func (b *bench) receiveParallel(l net.Listener, name string, done chan<- throughput) {
-	var group *parallelGroup
+// receive measures the guest→host streams accepted on l in groups of
+// streams connections (1 for a single stream): the bytes of the whole
+// group, from the first byte of any of its streams to the EOF of the last.
+func (b *bench) receive(l net.Listener, name string, streams int, done chan<- throughput) {
+	var g *streamGroup
 	waiting := 0 // connections the current group still expects
 	for {
 		c, err := l.Accept()
@@ -129,36 +117,33 @@ func (b *bench) receiveParallel(l net.Listener, name string, done chan<- through
 			return
 		}
 		if waiting == 0 {
-			group = &parallelGroup{t: throughput{name: name, want: b.size}}
-			waiting = b.parallel
+			g = &streamGroup{t: throughput{name: name, want: b.size}}
+			waiting = streams
 		}
 		waiting--
-		group.wg.Add(1)
-		go b.readInGroup(c, group)
+		g.wg.Add(1)
+		go b.readInto(g, c)
 		if waiting == 0 {
-			go func(group *parallelGroup) {
-				group.wg.Wait()
-				if !group.start.IsZero() {
-					end := b.sample()
-					group.t.elapsed = end.at.Sub(group.start)
-					group.t.cpu = group.begin.to(end)
-				}
-				done <- group.t
-			}(group)
+			go func(g *streamGroup) {
+				g.wg.Wait()
+				done <- g.result(b.sample())
+			}(g)
 		}
 	}
 }
 
-// parallelGroup is one run of the parallel phase.
-type parallelGroup struct {
+// streamGroup is one run of a guest→host phase.
+type streamGroup struct {
 	wg    sync.WaitGroup
 	mu    sync.Mutex
 	t     throughput
+	reads int
 	start time.Time
 	begin cpuSample
 }
 
-func (b *bench) readInGroup(c net.Conn, g *parallelGroup) {
+// readInto reads c to its end, adding to g.
+func (b *bench) readInto(g *streamGroup, c net.Conn) {
 	defer g.wg.Done()
 	defer c.Close()
 	buf := make([]byte, 256<<10)
@@ -171,6 +156,7 @@ func (b *bench) readInGroup(c net.Conn, g *parallelGroup) {
 				g.begin = b.sample()
 			}
 			g.t.got += int64(n)
+			g.reads++
 			g.mu.Unlock()
 		}
 		if errors.Is(err, io.EOF) {
@@ -187,36 +173,13 @@ func (b *bench) readInGroup(c net.Conn, g *parallelGroup) {
 	}
 }
 
-func (b *bench) measureRead(c net.Conn, name string) throughput {
-	defer c.Close()
-	t := throughput{name: name, want: b.size}
-	buf := make([]byte, 256<<10)
-	var start time.Time
-	var begin cpuSample
-	reads := 0
-	for {
-		n, err := c.Read(buf)
-		if n > 0 {
-			reads++
-		}
-		if n > 0 && start.IsZero() {
-			start = time.Now()
-			begin = b.sample()
-		}
-		t.got += int64(n)
-		if errors.Is(err, io.EOF) {
-			break
-		}
-		if err != nil {
-			t.err = err
-			break
-		}
-	}
-	if !start.IsZero() {
-		end := b.sample()
-		t.elapsed = end.at.Sub(start)
-		t.cpu = begin.to(end)
-		t.note = fmt.Sprintf("%d reads of %.1f KiB on average", reads, float64(t.got)/float64(reads)/1024)
+// result is the group's throughput once every stream has ended at end.
+func (g *streamGroup) result(end cpuSample) throughput {
+	t := g.t
+	if !g.start.IsZero() {
+		t.elapsed = end.at.Sub(g.start)
+		t.cpu = g.begin.to(end)
+		t.note = fmt.Sprintf("%d reads of %.1f KiB on average", g.reads, float64(t.got)/float64(g.reads)/1024)
 	}
 	return t
 }

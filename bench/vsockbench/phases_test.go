@@ -2,6 +2,7 @@ package main
 
 import (
 	"errors"
+	"net"
 	"testing"
 	"time"
 
@@ -60,4 +61,36 @@ func TestPhaseSummarySpread(t *testing.T) {
 	assert.Equal(t, "", phaseSummary{runs: 1, min: 5, max: 5}.spread())
 	assert.Equal(t, "", phaseSummary{runs: 2, failed: 1, min: 5, max: 5}.spread())
 	assert.Equal(t, "10.0–30.0", phaseSummary{runs: 3, min: 10, max: 30}.spread())
+}
+
+// TestReceiveGroups checks that receive counts a group of concurrent
+// streams as one run, and that the next connections start the next run.
+func TestReceiveGroups(t *testing.T) {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	require.NoError(t, err)
+	defer l.Close()
+	b := &bench{size: 8}
+	done := make(chan throughput)
+	go b.receive(l, "pair", 2, done)
+	send := func(payload string) {
+		c, err := net.Dial("tcp", l.Addr().String())
+		require.NoError(t, err)
+		_, err = c.Write([]byte(payload))
+		require.NoError(t, err)
+		require.NoError(t, c.Close())
+	}
+	for run := 0; run < 2; run++ {
+		send("abc")
+		send("defgh")
+		select {
+		case got := <-done:
+			assert.Equal(t, "pair", got.name)
+			assert.NoError(t, got.err)
+			assert.Equal(t, int64(8), got.got, "run %d: the bytes of both streams", run)
+			assert.Equal(t, int64(8), got.want)
+			assert.Contains(t, got.note, "reads of")
+		case <-time.After(10 * time.Second):
+			t.Fatalf("run %d: no result for the pair", run)
+		}
+	}
 }
