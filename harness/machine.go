@@ -86,6 +86,7 @@ type Result struct {
 // then call Run once.
 type Machine struct {
 	cfg     Config
+	cpu     string // QEMU's -cpu value
 	overlay string
 	args    []string
 	notify  *NotifyState
@@ -128,7 +129,12 @@ func NewMachine(ctx context.Context, cfg Config) (*Machine, error) {
 	if err := CheckCredentialSizes(creds); err != nil {
 		return nil, err
 	}
-	m := &Machine{cfg: cfg, notify: newNotifyState()}
+	m := &Machine{cfg: cfg, notify: newNotifyState(), cpu: "host"}
+	if !cfg.Accel.KVM() {
+		if m.cpu, err = probeTCGCPUModel(ctx, cfg.QEMU); err != nil {
+			return nil, err
+		}
+	}
 	m.overlay = filepath.Join(cfg.WorkDir, "overlay.qcow2")
 	if err := createOverlay(ctx, m.overlay, cfg.Image); err != nil {
 		return nil, err
@@ -192,16 +198,14 @@ func (m *Machine) KernelCommandLine() string {
 func (m *Machine) qemuArgs(smbiosArgs []string) []string {
 	cfg := m.cfg
 	mem := strconv.Itoa(cfg.MemoryMiB) + "M"
-	var accel, cpu string
+	accel := "tcg,thread=multi"
 	if cfg.Accel.KVM() {
-		accel, cpu = "kvm", "host"
-	} else {
-		accel, cpu = "tcg,thread=multi", "max"
+		accel = "kvm"
 	}
 	args := []string{
 		"-name", cfg.Name,
 		"-accel", accel,
-		"-cpu", cpu,
+		"-cpu", m.cpu,
 		"-smp", strconv.Itoa(cfg.CPUs),
 		"-m", mem,
 		// Guest RAM is a shared memfd so the userspace vsock device can map
@@ -234,6 +238,9 @@ func (m *Machine) qemuArgs(smbiosArgs []string) []string {
 	args = append(args, smbiosArgs...)
 	return append(args, cfg.QEMUArgs...)
 }
+
+// CPU returns the guest CPU model (QEMU's -cpu value), for logs.
+func (m *Machine) CPU() string { return m.cpu }
 
 // Args returns the QEMU arguments, for logs and tests.
 func (m *Machine) Args() []string { return append([]string(nil), m.args...) }

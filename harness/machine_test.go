@@ -41,6 +41,9 @@ func TestNewMachineArgs(t *testing.T) {
 	require.NoError(t, err)
 	defer l.Close()
 	work := t.TempDir()
+	// A stand-in QEMU that only answers -cpu help; the VM is not started.
+	qemu := filepath.Join(dir, "qemu-system-x86_64")
+	require.NoError(t, os.WriteFile(qemu, []byte("#!/bin/sh\nprintf 'Recognized CPUID flags:\\n  erms fsrm sse2\\n'\n"), 0o755))
 
 	tests := []struct {
 		name     string
@@ -53,7 +56,7 @@ func TestNewMachineArgs(t *testing.T) {
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			m, err := NewMachine(context.Background(), Config{
-				Name: "t", QEMU: "qemu-img", // any binary on PATH; the VM is not started
+				Name: "t", QEMU: qemu,
 				Image:          img,
 				Unit:           TestUnit{Name: "t.service", Text: []byte("[Service]\nExecStart=/bin/true\n")},
 				Credentials:    []Credential{{Name: "secret", Value: []byte("hunter2")}},
@@ -74,6 +77,7 @@ func TestNewMachineArgs(t *testing.T) {
 			assert.Contains(t, args, "-device fake-vsock")
 			assert.Contains(t, args, "share=on")
 			assert.Contains(t, args, "-accel tcg,thread=multi")
+			assert.Contains(t, args, "-cpu max,erms=off,fsrm=off ")
 			assert.Contains(t, args, "-nic none")
 			assert.NotContains(t, args, "hunter2", "credential values must not be on QEMU's command line")
 			assert.Contains(t, args, filepath.Join(work, "overlay.qcow2"))

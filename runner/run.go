@@ -216,7 +216,7 @@ func (r *testRun) run(ctx context.Context) int {
 		return r.fail("%v", err)
 	}
 
-	r.logf("%s: booting on %s, vsock %s CID %d", name, accel, transport.Kind(), transport.CID())
+	r.logf("%s: booting on %s, cpu %s, vsock %s CID %d", name, accel, m.CPU(), transport.Kind(), transport.CID())
 	res, err := m.Run(runCtx, func(pid int) {
 		reg_.Update(func(e *registry.Entry) { e.QEMUPID = pid })
 	})

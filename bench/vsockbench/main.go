@@ -240,7 +240,7 @@ func run(ctx context.Context, o options, out io.Writer) (int, error) {
 	}
 	go b.serveControl(ctx, ctlL)
 
-	logf("booting on %s, vsock %s; each throughput phase moves %d MiB", accel, transport.Kind(), o.sizeMiB)
+	logf("booting on %s, cpu %s, vsock %s; each throughput phase moves %d MiB", accel, m.CPU(), transport.Kind(), o.sizeMiB)
 	res, err := m.Run(ctx, func(pid int) { b.qemuPID.Store(int64(pid)) })
 	b.stopProfile()
 	if err != nil {
@@ -254,7 +254,7 @@ func run(ctx context.Context, o options, out io.Writer) (int, error) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	report := &reportData{
-		opts: o, accel: accel, kind: transport.Kind(), outcome: res.Outcome, elapsed: res.Elapsed,
+		opts: o, accel: accel, cpu: m.CPU(), kind: transport.Kind(), outcome: res.Outcome, elapsed: res.Elapsed,
 		baseline: b.baseline, streams: b.streams, lat: b.lat,
 		unitLines: summary.UnitLinesTotal, emptyRequests: b.emptyRequests,
 	}
@@ -309,6 +309,7 @@ func run(ctx context.Context, o options, out io.Writer) (int, error) {
 type reportData struct {
 	opts      options
 	accel     harness.Accel
+	cpu       string
 	kind      vsock.Kind
 	outcome   harness.Outcome
 	elapsed   time.Duration
@@ -333,8 +334,8 @@ type spanReport struct {
 
 func (r *reportData) print(out io.Writer) {
 	host, _ := os.Hostname()
-	fmt.Fprintf(out, "vsockbench %s on %s: accel %s, vsock %s, %d host CPUs, VM run %.1fs\n",
-		time.Now().UTC().Format(time.RFC3339), host, r.accel.Name, r.kind, runtime.NumCPU(), r.elapsed.Seconds())
+	fmt.Fprintf(out, "vsockbench %s on %s: accel %s, cpu %s, vsock %s, %d host CPUs, VM run %.1fs\n",
+		time.Now().UTC().Format(time.RFC3339), host, r.accel.Name, r.cpu, r.kind, runtime.NumCPU(), r.elapsed.Seconds())
 	fmt.Fprintf(out, "MB = 10^6 bytes; CPU columns: share of one host core during the phase: QEMU (all threads), QEMU wait (its threads runnable but waiting for a CPU: other load on the machine), host (this process: vsock device, relays, collector), j-remote (systemd-journal-remote)\n\n")
 	tw := tabwriter.NewWriter(out, 0, 0, 2, ' ', tabwriter.AlignRight)
 	fmt.Fprintf(tw, "phase\tamount\ttime\trate\tmin–max\tQEMU\tQEMU wait\thost\tj-remote\t\n")
