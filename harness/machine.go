@@ -45,7 +45,10 @@ type Config struct {
 	QEMUArgs     []string     // appended to the harness's QEMU arguments
 	MemoryMiB    int
 	CPUs         int
-	Accel        Accel
+	// CPUModel is QEMU's -cpu value. Empty means "host" under KVM and,
+	// under TCG, "max" without the flags TCG runs slowly (see cpu.go).
+	CPUModel string
+	Accel    Accel
 	// WorkDir is a private directory for the overlay and credential files.
 	WorkDir    string
 	ConsoleLog string
@@ -129,8 +132,12 @@ func NewMachine(ctx context.Context, cfg Config) (*Machine, error) {
 	if err := CheckCredentialSizes(creds); err != nil {
 		return nil, err
 	}
-	m := &Machine{cfg: cfg, notify: newNotifyState(), cpu: "host"}
-	if !cfg.Accel.KVM() {
+	m := &Machine{cfg: cfg, notify: newNotifyState(), cpu: cfg.CPUModel}
+	switch {
+	case m.cpu != "":
+	case cfg.Accel.KVM():
+		m.cpu = "host"
+	default:
 		if m.cpu, err = probeTCGCPUModel(ctx, cfg.QEMU); err != nil {
 			return nil, err
 		}

@@ -48,10 +48,13 @@ func TestNewMachineArgs(t *testing.T) {
 	tests := []struct {
 		name     string
 		skipUnit bool
+		cpuModel string
 		wantUnit string
+		wantCPU  string
 	}{
-		{"test unit is the boot target", false, "systemd.unit=t.service"},
-		{"shell mode boots to multi-user", true, "systemd.unit=multi-user.target"},
+		{"test unit is the boot target", false, "", "systemd.unit=t.service", "-cpu max,erms=off,fsrm=off "},
+		{"shell mode boots to multi-user", true, "", "systemd.unit=multi-user.target", "-cpu max,erms=off,fsrm=off "},
+		{"an explicit CPU model wins", false, "qemu64", "systemd.unit=t.service", "-cpu qemu64 "},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -68,6 +71,7 @@ func TestNewMachineArgs(t *testing.T) {
 				NotifyListener: l,
 				NotifyPort:     9,
 				SkipTestUnit:   tt.skipUnit,
+				CPUModel:       tt.cpuModel,
 			})
 			require.NoError(t, err)
 			cmdline := m.KernelCommandLine()
@@ -77,7 +81,7 @@ func TestNewMachineArgs(t *testing.T) {
 			assert.Contains(t, args, "-device fake-vsock")
 			assert.Contains(t, args, "share=on")
 			assert.Contains(t, args, "-accel tcg,thread=multi")
-			assert.Contains(t, args, "-cpu max,erms=off,fsrm=off ")
+			assert.Contains(t, args, tt.wantCPU)
 			assert.Contains(t, args, "-nic none")
 			assert.NotContains(t, args, "hunter2", "credential values must not be on QEMU's command line")
 			assert.Contains(t, args, filepath.Join(work, "overlay.qcow2"))

@@ -48,6 +48,7 @@ type options struct {
 	conLines   int
 	lineLen    int
 	mode       string
+	cpuModel   string
 	timeout    time.Duration
 	cpuProfile string
 	keepDir    string
@@ -67,6 +68,7 @@ func main() {
 	flag.IntVar(&o.conLines, "console-lines", 1000, "journal lines the guest logs on the unit's stdout, which the harness copies to the serial console")
 	flag.IntVar(&o.lineLen, "line-len", 100, "bytes per journal line")
 	flag.StringVar(&o.mode, "vsock", string(vsock.ModeUser), "vsock backend: user, kernel or auto")
+	flag.StringVar(&o.cpuModel, "cpu", "", "guest CPU model, QEMU's -cpu value (default: the harness's choice)")
 	flag.DurationVar(&o.timeout, "timeout", 30*time.Minute, "bound on the whole VM run")
 	flag.StringVar(&o.cpuProfile, "cpuprofile", "", "write a CPU profile of this process during the measured phases to `file`")
 	flag.StringVar(&o.keepDir, "keep", "", "keep the journal and console log in `dir`")
@@ -225,6 +227,7 @@ func run(ctx context.Context, o options, out io.Writer) (int, error) {
 		Unit:           harness.TestUnit{Name: unitName, Text: []byte(unitText)},
 		Credentials:    creds,
 		Accel:          accel,
+		CPUModel:       o.cpuModel,
 		WorkDir:        workDir,
 		ConsoleLog:     filepath.Join(outDir, "vsockbench.console.log"),
 		Transport:      transport,
