@@ -96,6 +96,16 @@ func pathsFor(cacheDir string, r *Recipe, key string) imagePaths {
 	}
 }
 
+// CacheImageDir is the directory the recipe's image has (or would have) in
+// the cache at cacheDir.
+func CacheImageDir(cacheDir string, r *Recipe) (string, error) {
+	key, err := r.Key()
+	if err != nil {
+		return "", err
+	}
+	return pathsFor(cacheDir, r, key).dir, nil
+}
+
 // Lookup returns the recipe's image if it is already in the cache, and an
 // error wrapping fs.ErrNotExist if it is not.
 func Lookup(cacheDir string, r *Recipe) (*Image, error) {

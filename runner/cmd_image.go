@@ -10,18 +10,33 @@ import (
 	"github.com/vmharness/vmharness/images"
 )
 
-// cmdImage implements "vmharness image build [--recipe PATH] [--cache-dir DIR]".
-// Progress goes to stderr; the image directory is the last line of stdout.
+const imageUsage = "usage: vmharness image build [--recipe PATH] [--cache-dir DIR] | vmharness image prune [--all] [--recipe PATH] [--cache-dir DIR]"
+
+// cmdImage implements "vmharness image build" and "vmharness image prune".
 func cmdImage(ctx context.Context, env *cliEnv, args []string) int {
-	if len(args) == 0 || args[0] != "build" {
-		fmt.Fprintln(env.stderr, "vmharness: image: usage: vmharness image build [--recipe PATH] [--cache-dir DIR]")
+	if len(args) == 0 {
+		fmt.Fprintln(env.stderr, "vmharness: image: "+imageUsage)
 		return exitHarnessError
 	}
+	switch args[0] {
+	case "build":
+		return cmdImageBuild(ctx, env, args[1:])
+	case "prune":
+		return cmdImagePrune(env, args[1:])
+	default:
+		fmt.Fprintln(env.stderr, "vmharness: image: "+imageUsage)
+		return exitHarnessError
+	}
+}
+
+// cmdImageBuild implements "vmharness image build [--recipe PATH] [--cache-dir DIR]".
+// Progress goes to stderr; the image directory is the last line of stdout.
+func cmdImageBuild(ctx context.Context, env *cliEnv, args []string) int {
 	fs := flag.NewFlagSet("image build", flag.ContinueOnError)
 	fs.SetOutput(env.stderr)
-	recipePath := fs.String("recipe", "", "image recipe JSON file (default: the built-in recipe)")
+	recipePath := fs.String("recipe", "", "image recipe JSON file (default: $VMHARNESS_RECIPE, else the built-in recipe)")
 	cacheDir := fs.String("cache-dir", "", "cache directory (default: $"+images.CacheDirEnv+", $XDG_CACHE_HOME/vmharness or ~/.cache/vmharness)")
-	if err := fs.Parse(args[1:]); err != nil {
+	if err := fs.Parse(args); err != nil {
 		return exitHarnessError
 	}
 	if fs.NArg() != 0 {
@@ -37,24 +52,87 @@ func cmdImage(ctx context.Context, env *cliEnv, args []string) int {
 	return exitPass
 }
 
-func imageBuild(ctx context.Context, getenv func(string) string, progress io.Writer, recipePath, cacheDir string) (string, error) {
-	var (
-		recipe *images.Recipe
-		err    error
-	)
-	if recipePath != "" {
-		recipe, err = images.LoadRecipe(recipePath)
-	} else {
-		recipe, err = images.Default()
+// cmdImagePrune implements "vmharness image prune": it removes the cached
+// images other than the one runs boot now (the --recipe, $VMHARNESS_RECIPE
+// or built-in recipe's; none with --all) and leftovers of killed builds.
+// Images that running tests use are kept and listed.
+func cmdImagePrune(env *cliEnv, args []string) int {
+	fs := flag.NewFlagSet("image prune", flag.ContinueOnError)
+	fs.SetOutput(env.stderr)
+	all := fs.Bool("all", false, "remove the current recipe's image too")
+	recipePath := fs.String("recipe", "", "keep this recipe's image (default: $VMHARNESS_RECIPE, else the built-in recipe)")
+	cacheDir := fs.String("cache-dir", "", "cache directory (default: $"+images.CacheDirEnv+", $XDG_CACHE_HOME/vmharness or ~/.cache/vmharness)")
+	if err := fs.Parse(args); err != nil {
+		return exitHarnessError
 	}
+	if fs.NArg() != 0 {
+		fmt.Fprintf(env.stderr, "vmharness: image prune: unexpected arguments %q\n", fs.Args())
+		return exitHarnessError
+	}
+	rep, err := imagePrune(env.getenv, *cacheDir, *recipePath, *all)
+	if rep != nil {
+		var freed int64
+		for _, e := range rep.Removed {
+			fmt.Fprintf(env.stdout, "removed %s (%s)\n", e.Dir, mib(e.Bytes))
+			freed += e.Bytes
+		}
+		for _, e := range rep.Kept {
+			fmt.Fprintf(env.stdout, "kept %s (%s): %s\n", e.Dir, mib(e.Bytes), e.Reason)
+		}
+		fmt.Fprintf(env.stdout, "freed %s\n", mib(freed))
+	}
+	if err != nil {
+		fmt.Fprintf(env.stderr, "vmharness: image prune: %v\n", err)
+		return exitHarnessError
+	}
+	return exitPass
+}
+
+func imagePrune(getenv func(string) string, cacheDir, recipePath string, all bool) (*images.PruneReport, error) {
+	cacheDir, err := cacheDirFlag(getenv, cacheDir)
+	if err != nil {
+		return nil, err
+	}
+	var keep []string
+	if !all {
+		recipe, err := flagRecipe(getenv, recipePath)
+		if err != nil {
+			return nil, err
+		}
+		dir, err := images.CacheImageDir(cacheDir, recipe)
+		if err != nil {
+			return nil, err
+		}
+		keep = append(keep, dir)
+	}
+	return images.Prune(cacheDir, keep)
+}
+
+// flagRecipe is the --recipe file, or the recipe runs boot when it is empty.
+func flagRecipe(getenv func(string) string, recipePath string) (*images.Recipe, error) {
+	if recipePath != "" {
+		return images.LoadRecipe(recipePath)
+	}
+	return runRecipe(getenv)
+}
+
+// cacheDirFlag is the --cache-dir value made absolute, or the default
+// cache directory when it is empty.
+func cacheDirFlag(getenv func(string) string, flagValue string) (string, error) {
+	if flagValue == "" {
+		return images.CacheDir(getenv)
+	}
+	return filepath.Abs(flagValue)
+}
+
+func mib(bytes int64) string { return fmt.Sprintf("%.0f MiB", float64(bytes)/(1<<20)) }
+
+func imageBuild(ctx context.Context, getenv func(string) string, progress io.Writer, recipePath, cacheDir string) (string, error) {
+	recipe, err := flagRecipe(getenv, recipePath)
 	if err != nil {
 		return "", err
 	}
-	if cacheDir == "" {
-		if cacheDir, err = images.CacheDir(getenv); err != nil {
-			return "", err
-		}
-	} else if cacheDir, err = filepath.Abs(cacheDir); err != nil {
+	if cacheDir, err = cacheDirFlag(getenv, cacheDir); err != nil {
 		return "", err
 	}
 	img, err := images.NewBuilder(cacheDir, progress).Ensure(ctx, recipe)

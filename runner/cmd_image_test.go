@@ -25,6 +25,8 @@ func TestCmdImageUsageErrors(t *testing.T) {
 		{"extra argument", []string{"build", "extra"}, `unexpected arguments ["extra"]`},
 		{"unknown flag", []string{"build", "--mirror", "x"}, "flag provided but not defined"},
 		{"missing recipe", []string{"build", "--recipe", "/nonexistent/recipe.json"}, "vmharness: image build: image recipe /nonexistent/recipe.json"},
+		{"prune: extra argument", []string{"prune", "extra"}, `image prune: unexpected arguments ["extra"]`},
+		{"prune: missing recipe", []string{"prune", "--recipe", "/nonexistent/recipe.json", "--cache-dir", "/nonexistent"}, "vmharness: image prune: image recipe /nonexistent/recipe.json"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -66,4 +68,44 @@ func TestCmdImageFindsCachedImage(t *testing.T) {
 	require.Equal(t, exitPass, code, "stderr: %s", stderr.String())
 	lines := strings.Split(strings.TrimSpace(stdout.String()), "\n")
 	assert.Equal(t, dir, lines[len(lines)-1])
+}
+
+// TestCmdImagePrune keeps the built-in recipe's image and removes an older
+// one; --all removes both.
+func TestCmdImagePrune(t *testing.T) {
+	recipe, err := images.Default()
+	require.NoError(t, err)
+	cache := t.TempDir()
+	current, err := images.CacheImageDir(cache, recipe)
+	require.NoError(t, err)
+	old := filepath.Join(cache, "images", recipe.Name+"-0123456789abcdef")
+	for _, dir := range []string{current, old} {
+		require.NoError(t, os.MkdirAll(dir, 0o755))
+		for _, f := range []string{images.KernelFile, images.InitrdFile, images.RootfsFile} {
+			require.NoError(t, os.WriteFile(filepath.Join(dir, f), bytes.Repeat([]byte("x"), 1<<20), 0o644))
+		}
+	}
+	run := func(args ...string) (int, string, string) {
+		var stdout, stderr bytes.Buffer
+		env := &cliEnv{stdout: &stdout, stderr: &stderr, getenv: func(k string) string {
+			if k == images.CacheDirEnv {
+				return cache
+			}
+			return ""
+		}}
+		return cmdImage(context.Background(), env, append([]string{"prune"}, args...)), stdout.String(), stderr.String()
+	}
+
+	code, out, errOut := run()
+	require.Equal(t, exitPass, code, errOut)
+	assert.Contains(t, out, "removed "+old+" (3 MiB)")
+	assert.Contains(t, out, "kept "+current+" (3 MiB): current recipe")
+	assert.Contains(t, out, "freed 3 MiB")
+	assert.NoDirExists(t, old)
+	assert.DirExists(t, current)
+
+	code, out, errOut = run("--all")
+	require.Equal(t, exitPass, code, errOut)
+	assert.Contains(t, out, "removed "+current)
+	assert.NoDirExists(t, current)
 }

@@ -8,26 +8,30 @@ import (
 )
 
 // ensureImage finds the image a run boots ($VMHARNESS_IMAGE_DIR, else the
-// built-in recipe's cached image), building it on a cache miss. Build
-// progress goes to stderr, which Meson keeps in the test log.
-func ensureImage(ctx context.Context, env *cliEnv) (harness.BootImage, error) {
-	recipe, err := images.Default()
+// run's recipe's cached image), building it on a cache miss. Build
+// progress goes to stderr, which Meson keeps in the test log. The image
+// is held against `vmharness image prune` until release is called.
+func ensureImage(ctx context.Context, env *cliEnv) (img harness.BootImage, release func(), err error) {
+	recipe, err := runRecipe(env.getenv)
 	if err != nil {
-		return harness.BootImage{}, err
+		return harness.BootImage{}, nil, err
 	}
-	if p := env.getenv("VMHARNESS_RECIPE"); p != "" {
-		if recipe, err = images.LoadRecipe(p); err != nil {
-			return harness.BootImage{}, err
-		}
-	}
-	img, err := images.Resolve(ctx, env.getenv, recipe, env.stderr)
+	found, release, err := images.Acquire(ctx, env.getenv, recipe, env.stderr)
 	if err != nil {
-		return harness.BootImage{}, err
+		return harness.BootImage{}, nil, err
 	}
 	return harness.BootImage{
-		Kernel:       img.Kernel,
-		Initrd:       img.Initrd,
-		Rootfs:       img.Rootfs,
-		RootfsFormat: img.RootfsFormat,
-	}, nil
+		Kernel:       found.Kernel,
+		Initrd:       found.Initrd,
+		Rootfs:       found.Rootfs,
+		RootfsFormat: found.RootfsFormat,
+	}, release, nil
+}
+
+// runRecipe is the recipe runs boot: $VMHARNESS_RECIPE, else the built-in one.
+func runRecipe(getenv func(string) string) (*images.Recipe, error) {
+	if p := getenv("VMHARNESS_RECIPE"); p != "" {
+		return images.LoadRecipe(p)
+	}
+	return images.Default()
 }

@@ -42,7 +42,7 @@ type cliEnv struct {
 func commands() []command {
 	return []command{
 		{"run", "boot a VM and run one test unit in it", cmdRun},
-		{"image", "build or locate the cached base image (image build)", cmdImage},
+		{"image", "build or locate the cached base image (image build), remove old ones (image prune)", cmdImage},
 		{"ps", "list running harness VMs", cmdPs},
 		{"ssh", "open an ssh session to a harness VM: ssh NAME [-- CMD...]", cmdSSH},
 		{"ssh-proxy", "ssh ProxyCommand for vsock/CID, vsock-mux/PATH, unix/PATH, machine/NAME", cmdSSHProxy},

@@ -75,10 +75,11 @@ func (r *testRun) run(ctx context.Context) int {
 	if err != nil {
 		return r.fail("%v", err)
 	}
-	img, err := ensureImage(ctx, r.env)
+	img, releaseImage, err := ensureImage(ctx, r.env)
 	if err != nil {
 		return r.fail("%v", err)
 	}
+	defer releaseImage()
 
 	stateDir, err := sshkey.StateDir(getenv)
 	if err != nil {

@@ -103,10 +103,11 @@ func run(ctx context.Context, o options, out io.Writer) (int, error) {
 	if err != nil {
 		return 1, err
 	}
-	img, err := images.Resolve(ctx, os.Getenv, recipe, os.Stderr)
+	img, releaseImage, err := images.Acquire(ctx, os.Getenv, recipe, os.Stderr)
 	if err != nil {
 		return 1, err
 	}
+	defer releaseImage()
 	accel, err := harness.DetectAccel(os.Getenv)
 	if err != nil {
 		return 1, err
@@ -288,6 +289,11 @@ func run(ctx context.Context, o options, out io.Writer) (int, error) {
 		problems = append(problems, "the guest side failed: "+res.Outcome.Reason)
 		for _, l := range res.ConsoleTail {
 			logf("console: %s", l)
+		}
+		for _, l := range strings.Split(res.QEMUStderr, "\n") {
+			if l != "" {
+				logf("qemu: %s", l)
+			}
 		}
 	}
 	if !b.finished {

@@ -1,0 +1,182 @@
+package images
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"regexp"
+	"sort"
+	"strings"
+	"syscall"
+
+	"golang.org/x/sys/unix"
+)
+
+// A run that boots a cached image holds a shared flock on the image's lock
+// file (the one builders take exclusively) until QEMU has exited; Prune
+// takes the lock exclusively without waiting and skips an image it cannot
+// get. QEMU keeps the backing file open anyway, but a run that has found
+// the image and not yet started QEMU would otherwise lose it.
+
+// Acquire is Resolve for a run: besides finding (or building) the image,
+// it holds a shared lock on a cached image until release is called, so that
+// Prune leaves it alone while a VM boots from it. An image named by
+// $VMHARNESS_IMAGE_DIR is locked only if it has a lock file beside it (that
+// is, it is a cache directory).
+func Acquire(ctx context.Context, getenv func(string) string, r *Recipe, progress io.Writer) (img *Image, release func(), err error) {
+	// Prune may remove the image between Resolve finding it and the lock:
+	// then look again, which builds it anew.
+	for attempt := 0; attempt < 3; attempt++ {
+		img, err := Resolve(ctx, getenv, r, progress)
+		if err != nil {
+			return nil, nil, err
+		}
+		release, err := holdShared(img.Dir+".lock", getenv(ImageDirEnv) == "")
+		if err != nil {
+			return nil, nil, err
+		}
+		if _, err := os.Stat(img.Rootfs); err == nil {
+			return img, release, nil
+		}
+		release()
+	}
+	return nil, nil, errors.New("image cache: the image was removed three times while this run started; is `vmharness image prune --all` running in a loop?")
+}
+
+// holdShared takes a shared flock on path, creating the file if create is
+// set and otherwise doing nothing when it does not exist.
+func holdShared(path string, create bool) (release func(), err error) {
+	flags := os.O_RDONLY
+	if create {
+		flags = os.O_RDWR | os.O_CREATE
+	}
+	f, err := os.OpenFile(path, flags, 0o644)
+	if errors.Is(err, fs.ErrNotExist) && !create {
+		return func() {}, nil
+	}
+	if err != nil {
+		return nil, fmt.Errorf("image lock: %w", err)
+	}
+	// A builder holds the lock exclusively only while the image does not
+	// exist yet, so this wait is short or none.
+	if err := unix.Flock(int(f.Fd()), unix.LOCK_SH); err != nil {
+		f.Close()
+		return nil, fmt.Errorf("image lock %s: %w", path, err)
+	}
+	return func() { f.Close() }, nil
+}
+
+// PruneReport is what Prune did, one line per cache entry it looked at.
+type PruneReport struct {
+	Removed []PrunedEntry
+	Kept    []PrunedEntry
+}
+
+// PrunedEntry is one image or leftover build directory in the cache.
+type PrunedEntry struct {
+	Dir    string
+	Bytes  int64
+	Reason string // why it was kept; empty for removed entries
+}
+
+// imageDirName matches the cache's image directories (<recipe>-<16 hex>)
+// and its leftover build directories (.tmp-<recipe>-<16 hex>-<random>).
+var (
+	imageDirName = regexp.MustCompile(`^([A-Za-z0-9][A-Za-z0-9._-]*-[0-9a-f]{16})$`)
+	tmpDirName   = regexp.MustCompile(`^\.tmp-([A-Za-z0-9][A-Za-z0-9._-]*-[0-9a-f]{16})-[0-9]+$`)
+)
+
+// Prune removes the images in the cache at cacheDir except those whose
+// directories are listed in keep, and the leftovers of killed builds.
+// Images a run is using and builds in progress are kept and reported.
+// Lock files stay: deleting a lock file others may have open would let
+// two builders of one key run at once.
+func Prune(cacheDir string, keep []string) (*PruneReport, error) {
+	imagesDir := filepath.Join(cacheDir, "images")
+	entries, err := os.ReadDir(imagesDir)
+	if errors.Is(err, fs.ErrNotExist) {
+		return &PruneReport{}, nil
+	}
+	if err != nil {
+		return nil, fmt.Errorf("image cache: %w", err)
+	}
+	keepSet := map[string]bool{}
+	for _, k := range keep {
+		keepSet[filepath.Clean(k)] = true
+	}
+	rep := &PruneReport{}
+	var errs []error
+	for _, e := range entries {
+		if !e.IsDir() {
+			continue
+		}
+		dir := filepath.Join(imagesDir, e.Name())
+		var base string
+		if m := imageDirName.FindStringSubmatch(e.Name()); m != nil {
+			base = m[1]
+		} else if m := tmpDirName.FindStringSubmatch(e.Name()); m != nil {
+			base = m[1]
+		} else {
+			continue // not ours
+		}
+		size := treeSize(dir)
+		if keepSet[dir] {
+			rep.Kept = append(rep.Kept, PrunedEntry{Dir: dir, Bytes: size, Reason: "current recipe"})
+			continue
+		}
+		reason, err := removeIfUnused(dir, filepath.Join(imagesDir, base+".lock"))
+		switch {
+		case err != nil:
+			errs = append(errs, err)
+		case reason != "":
+			rep.Kept = append(rep.Kept, PrunedEntry{Dir: dir, Bytes: size, Reason: reason})
+		default:
+			rep.Removed = append(rep.Removed, PrunedEntry{Dir: dir, Bytes: size})
+		}
+	}
+	sort.Slice(rep.Removed, func(i, j int) bool { return rep.Removed[i].Dir < rep.Removed[j].Dir })
+	sort.Slice(rep.Kept, func(i, j int) bool { return rep.Kept[i].Dir < rep.Kept[j].Dir })
+	return rep, errors.Join(errs...)
+}
+
+// removeIfUnused removes dir if it can take lockPath exclusively at once;
+// otherwise it returns why dir stays.
+func removeIfUnused(dir, lockPath string) (keptBecause string, err error) {
+	f, err := os.OpenFile(lockPath, os.O_RDWR|os.O_CREATE, 0o644)
+	if err != nil {
+		return "", fmt.Errorf("image lock: %w", err)
+	}
+	defer f.Close()
+	if err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
+		if errors.Is(err, unix.EWOULDBLOCK) {
+			if strings.HasPrefix(filepath.Base(dir), ".tmp-") {
+				return "a build is in progress", nil
+			}
+			return "in use by a run (or being built)", nil
+		}
+		return "", fmt.Errorf("image lock %s: %w", lockPath, err)
+	}
+	return "", removeTree(dir)
+}
+
+// treeSize is the bytes allocated to the regular files below dir (the
+// raw root file system is sparse, so this is less than its length).
+func treeSize(dir string) int64 {
+	var total int64
+	_ = filepath.WalkDir(dir, func(_ string, d fs.DirEntry, err error) error {
+		if err != nil || !d.Type().IsRegular() {
+			return nil
+		}
+		if info, err := d.Info(); err == nil {
+			if st, ok := info.Sys().(*syscall.Stat_t); ok {
+				total += st.Blocks * 512
+			}
+		}
+		return nil
+	})
+	return total
+}

@@ -1,0 +1,145 @@
+package images
+
+import (
+	"context"
+	"os"
+	"path/filepath"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+)
+
+// fakeImageDir makes a cache entry with placeholder image files.
+func fakeImageDir(t *testing.T, dir string) {
+	t.Helper()
+	for _, f := range []string{KernelFile, InitrdFile, RootfsFile} {
+		writeFile(t, filepath.Join(dir, f), f)
+	}
+}
+
+func dirs(entries []PrunedEntry) map[string]string {
+	m := map[string]string{}
+	for _, e := range entries {
+		m[filepath.Base(e.Dir)] = e.Reason
+	}
+	return m
+}
+
+func TestPrune(t *testing.T) {
+	cache := t.TempDir()
+	images := filepath.Join(cache, "images")
+	const (
+		current = "default-aaaaaaaaaaaaaaaa"
+		old     = "default-bbbbbbbbbbbbbbbb"
+		inUse   = "default-cccccccccccccccc"
+		other   = "custom.v2-dddddddddddddddd"
+	)
+	for _, d := range []string{current, old, inUse, other} {
+		fakeImageDir(t, filepath.Join(images, d))
+	}
+	writeFile(t, filepath.Join(images, ".tmp-default-eeeeeeeeeeeeeeee-123", "image", "rootfs.img"), "killed build")
+	writeFile(t, filepath.Join(images, ".tmp-default-cccccccccccccccc-456", "image", "rootfs.img"), "live build")
+	writeFile(t, filepath.Join(images, "not-an-image", "keep-me"), "x")
+	writeFile(t, filepath.Join(images, old+".lock"), "")
+
+	release, err := holdShared(filepath.Join(images, inUse+".lock"), true)
+	require.NoError(t, err)
+
+	rep, err := Prune(cache, []string{filepath.Join(images, current)})
+	require.NoError(t, err)
+	assert.Equal(t, map[string]string{old: "", other: "", ".tmp-default-eeeeeeeeeeeeeeee-123": ""}, dirs(rep.Removed))
+	assert.Equal(t, map[string]string{
+		current:                             "current recipe",
+		inUse:                               "in use by a run (or being built)",
+		".tmp-default-cccccccccccccccc-456": "a build is in progress",
+	}, dirs(rep.Kept))
+	for _, e := range rep.Removed {
+		assert.NoDirExists(t, e.Dir)
+		assert.Positive(t, e.Bytes, "%s: size of what was removed", e.Dir)
+	}
+	for _, e := range rep.Kept {
+		assert.DirExists(t, e.Dir)
+	}
+	assert.DirExists(t, filepath.Join(images, "not-an-image"), "directories that are not cache entries stay")
+	assert.FileExists(t, filepath.Join(images, old+".lock"), "lock files stay: others may have them open")
+
+	// Once the run is over, its image goes too.
+	release()
+	rep, err = Prune(cache, []string{filepath.Join(images, current)})
+	require.NoError(t, err)
+	assert.Equal(t, map[string]string{inUse: "", ".tmp-default-cccccccccccccccc-456": ""}, dirs(rep.Removed))
+	assert.Equal(t, map[string]string{current: "current recipe"}, dirs(rep.Kept))
+
+	// Without anything to keep, everything goes.
+	rep, err = Prune(cache, nil)
+	require.NoError(t, err)
+	assert.Equal(t, map[string]string{current: ""}, dirs(rep.Removed))
+}
+
+func TestPruneEmptyCache(t *testing.T) {
+	rep, err := Prune(filepath.Join(t.TempDir(), "never-used"), nil)
+	require.NoError(t, err)
+	assert.Empty(t, rep.Removed)
+	assert.Empty(t, rep.Kept)
+}
+
+func TestAcquireHoldsTheImageAgainstPrune(t *testing.T) {
+	cache := t.TempDir()
+	r := testRecipe(t)
+	var calls atomic.Int32
+	built, err := testBuilder(cache, &syncBuffer{}, fakeBuild(&calls, 0)).Ensure(context.Background(), r)
+	require.NoError(t, err)
+	env := map[string]string{CacheDirEnv: cache}
+	getenv := func(k string) string { return env[k] }
+
+	img, release, err := Acquire(context.Background(), getenv, r, nil)
+	require.NoError(t, err)
+	assert.Equal(t, built.Dir, img.Dir)
+
+	rep, err := Prune(cache, nil)
+	require.NoError(t, err)
+	assert.Empty(t, rep.Removed)
+	assert.Equal(t, map[string]string{filepath.Base(img.Dir): "in use by a run (or being built)"}, dirs(rep.Kept))
+
+	release()
+	rep, err = Prune(cache, nil)
+	require.NoError(t, err)
+	assert.Equal(t, map[string]string{filepath.Base(img.Dir): ""}, dirs(rep.Removed))
+}
+
+func TestAcquireImageDirWithoutLockFile(t *testing.T) {
+	dir := t.TempDir()
+	fakeImageDir(t, dir)
+	env := map[string]string{ImageDirEnv: dir, CacheDirEnv: t.TempDir()}
+	img, release, err := Acquire(context.Background(), func(k string) string { return env[k] }, testRecipe(t), nil)
+	require.NoError(t, err)
+	defer release()
+	assert.Equal(t, dir, img.Dir)
+	assert.NoFileExists(t, dir+".lock", "a directory outside the cache gets no lock file")
+}
+
+func TestHoldSharedWaitsForBuilder(t *testing.T) {
+	lock := filepath.Join(t.TempDir(), "x.lock")
+	b := NewBuilder(t.TempDir(), nil)
+	unlock, err := b.lock(context.Background(), lock, "x")
+	require.NoError(t, err)
+	got := make(chan struct{})
+	go func() {
+		release, err := holdShared(lock, true)
+		assert.NoError(t, err)
+		close(got)
+		release()
+	}()
+	select {
+	case <-got:
+		t.Fatal("shared lock granted while a builder holds the lock")
+	case <-time.After(200 * time.Millisecond):
+	}
+	unlock()
+	<-got
+	_, err = os.Stat(lock)
+	require.NoError(t, err)
+}
