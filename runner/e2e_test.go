@@ -6,6 +6,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"sync"
 	"syscall"
 	"testing"
@@ -403,4 +404,68 @@ func TestE2EShell(t *testing.T) {
 	assert.Contains(t, stdout.String(), "shell-done\n")
 	r := &e2eRun{runtime: runtime}
 	r.assertNothingLeft(t, 0)
+}
+
+// TestE2EImagePrune runs a test from a private cache holding the current
+// image (hard links to the real one) and an older image, and prunes that
+// cache with --all while the run is up: the running test's image must
+// stay and the old one go; once the run is over, prune removes it too.
+func TestE2EImagePrune(t *testing.T) {
+	requireE2E(t)
+	bin := vmharnessBinary(t)
+	built, err := exec.Command(bin, "image", "build").Output()
+	require.NoError(t, err)
+	lines := strings.Split(strings.TrimSpace(string(built)), "\n")
+	realDir := lines[len(lines)-1]
+
+	cache := t.TempDir()
+	current := filepath.Join(cache, "images", filepath.Base(realDir))
+	require.NoError(t, os.MkdirAll(current, 0o755))
+	entries, err := os.ReadDir(realDir)
+	require.NoError(t, err)
+	for _, e := range entries {
+		src, dst := filepath.Join(realDir, e.Name()), filepath.Join(current, e.Name())
+		if os.Link(src, dst) != nil {
+			out, err := exec.Command("cp", "--reflink=auto", "--sparse=always", src, dst).CombinedOutput()
+			require.NoError(t, err, "%s", out)
+		}
+	}
+	old := filepath.Join(cache, "images", "default-0123456789abcdef")
+	for _, f := range []string{"vmlinuz", "initrd.img", "rootfs.img"} {
+		writeTestFile(t, filepath.Join(old, f), f)
+	}
+	t.Setenv("VMHARNESS_CACHE_DIR", cache)
+
+	r := startRun(t, "--name", "prune", testUnitPath("hang.service"))
+	reg, err := registry.Open(r.runtime)
+	require.NoError(t, err)
+	require.Eventually(t, func() bool {
+		e, err := reg.Lookup("prune")
+		return err == nil && e.QEMUPID > 0
+	}, 10*time.Minute, 200*time.Millisecond, "the VM never started")
+
+	out, err := exec.Command(bin, "image", "prune", "--all").CombinedOutput()
+	require.NoError(t, err, "%s", out)
+	assert.Contains(t, string(out), "kept "+current)
+	assert.Contains(t, string(out), "in use by a run")
+	assert.Contains(t, string(out), "removed "+old)
+	assert.DirExists(t, current)
+	assert.NoDirExists(t, old)
+
+	require.NoError(t, r.cmd.Process.Signal(syscall.SIGTERM))
+	r.wait(t)
+	assert.Equal(t, 1, r.exitCode, "a SIGTERM'd test fails")
+
+	out, err = exec.Command(bin, "image", "prune", "--all").CombinedOutput()
+	require.NoError(t, err, "%s", out)
+	assert.Contains(t, string(out), "removed "+current)
+	assert.NoDirExists(t, current)
+	_, err = os.Stat(filepath.Join(realDir, "rootfs.img"))
+	assert.NoError(t, err, "the real cache is untouched")
+}
+
+func writeTestFile(t *testing.T, path, content string) {
+	t.Helper()
+	require.NoError(t, os.MkdirAll(filepath.Dir(path), 0o755))
+	require.NoError(t, os.WriteFile(path, []byte(content), 0o644))
 }
