@@ -8,6 +8,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
@@ -162,4 +163,35 @@ func TestDecideOutcome(t *testing.T) {
 			assert.Contains(t, got.Reason, tt.wantReason)
 		})
 	}
+}
+
+func TestBootTimeLeft(t *testing.T) {
+	const limit = 3 * time.Minute
+	tests := []struct {
+		name             string
+		elapsed, starved time.Duration
+		want             time.Duration
+	}{
+		{"idle machine, early", time.Minute, 0, 2 * time.Minute},
+		{"idle machine, limit reached", limit, 0, 0},
+		{"hung guest on an idle machine", 4 * time.Minute, time.Second, -59 * time.Second},
+		{"overloaded machine: starved time does not count", 7 * time.Minute, 5 * time.Minute, time.Minute},
+		{"overloaded machine, limit reached", 9 * time.Minute, 6 * time.Minute, 0},
+		{"starvation above elapsed (clock skew) counts as none used", time.Second, 2 * time.Second, limit},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			assert.Equal(t, tt.want, bootTimeLeft(limit, tt.elapsed, tt.starved))
+		})
+	}
+}
+
+func TestCPUStarvationOfThisProcess(t *testing.T) {
+	delays := ThreadRunDelays(os.Getpid())
+	require.NotEmpty(t, delays, "this process has threads with schedstat")
+	for _, d := range delays {
+		assert.GreaterOrEqual(t, d, time.Duration(0))
+	}
+	assert.Empty(t, ThreadRunDelays(-1), "no such process")
+	assert.Equal(t, time.Duration(0), cpuStarvation(-1))
 }

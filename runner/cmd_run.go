@@ -42,7 +42,7 @@ func parseRunFlags(env *cliEnv, args []string) (*runOptions, error) {
 	fs.SetOutput(io.Discard)
 	fs.StringVar(&o.name, "name", "", "VM and journal name (default: the unit name without .service)")
 	fs.DurationVar(&o.timeout, "timeout", 0, "fail the test when it runs longer than this (0: no limit)")
-	fs.DurationVar(&o.bootTimeout, "boot-timeout", 0, "fail when the guest has not talked to the host after this long (default 60s, scaled for TCG)")
+	fs.DurationVar(&o.bootTimeout, "boot-timeout", 0, "fail when the guest has not talked to the host after this long, not counting time QEMU waits for a host CPU (default 45s, 3m under TCG)")
 	fs.Var((*stringList)(&o.credentials), "credential", "pass a credential NAME=VALUE or NAME=@FILE (repeatable)")
 	fs.Var((*stringList)(&o.kernelArgs), "kernel-arg", "append to the guest kernel command line (repeatable)")
 	fs.Var((*stringList)(&o.qemuArgs), "qemu-arg", "append one QEMU argument (repeatable)")

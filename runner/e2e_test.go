@@ -135,6 +135,7 @@ func TestE2EExitCodes(t *testing.T) {
 		{"poweroff without success action", "poweroff.service", nil, 1, "VM stopped without the test's success action"},
 		{"kernel panic", "panic.service", nil, 1, "guest kernel panicked"},
 		{"hang past timeout", "hang.service", []string{"--timeout", "90s"}, 1, "test timed out after 1m30s"},
+		{"boot timeout", "boot.service", []string{"--boot-timeout", "2s"}, 1, "guest did not boot within 2s"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

@@ -7,6 +7,8 @@ import (
 	"strconv"
 	"syscall"
 	"time"
+
+	"github.com/vmharness/vmharness/harness"
 )
 
 // userHZ is the unit of the utime and stime fields of /proc/PID/stat
@@ -86,20 +88,11 @@ func procCPU(pid int) (cpu time.Duration, ppid int) {
 	return time.Duration(utime+stime) * time.Second / userHZ, ppid
 }
 
-// runDelay sums how long the process's threads have waited on a run queue
-// (the second field of /proc/PID/task/TID/schedstat, in nanoseconds).
+// runDelay sums how long the process's threads have waited on a run queue.
 func runDelay(pid int) time.Duration {
-	files, _ := filepath.Glob("/proc/" + strconv.Itoa(pid) + "/task/*/schedstat")
 	var total time.Duration
-	for _, f := range files {
-		data, err := os.ReadFile(f)
-		if err != nil {
-			continue
-		}
-		if fields := bytes.Fields(data); len(fields) >= 2 {
-			ns, _ := strconv.ParseInt(string(fields[1]), 10, 64)
-			total += time.Duration(ns)
-		}
+	for _, d := range harness.ThreadRunDelays(pid) {
+		total += d
 	}
 	return total
 }
