@@ -14,9 +14,9 @@ import (
 // copy and clear memory with byte-granular REP MOVSB/STOSB: ERMS, FSRM and
 // FSRS. QEMU's TCG (7.2 here; the REP translation was reworked in December
 // 2024) ends the translation block after every iteration of a REP string
-// instruction, so such a guest moves one byte per dispatch: bench/vsock.sh
-// measured guest→host vsock 3-4x slower with these flags than without
-// (bench/README.md). Without them the guest uses its 8-byte and unrolled
+// instruction, so such a guest moves one byte per dispatch:
+// bench/cpumodel.sh measured guest→host vsock 2.7x slower with these flags
+// than without (bench/README.md). Without them the guest uses its 8-byte and unrolled
 // loops, which TCG runs well.
 var slowUnderTCG = []string{"erms", "fsrm", "fsrs"}
 
