@@ -2,8 +2,9 @@
 # Times `vmharness run` of a trivial unit against a bare QEMU boot of the
 # same cached image and the same unit (injected the same way, as SMBIOS
 # credentials, ending with SuccessAction=exit), alternating the two so
-# machine noise hits both alike. Prints each run, the medians and the
-# ratio runner/bare.
+# machine noise hits both alike. The bare boot uses the CPU model the
+# runner logged choosing. Prints each run, the medians and the ratio
+# runner/bare.
 #
 #   bench/boot.sh [RUNS]        (default 5 of each)
 set -euo pipefail
@@ -23,14 +24,6 @@ printf 'io.systemd.credential.binary:systemd.extra-unit.trivial.service=%s' "$(b
 printf 'io.systemd.credential.binary:systemd.unit-dropin.trivial.service=%s' \
   "$(printf '[Unit]\nWants=basic.target\nSuccessAction=exit\nSuccessActionExitStatus=123\nFailureAction=exit\n' | base64 -w0)" >"$work/dropin.smbios"
 
-# The CPU model the harness uses under TCG (harness/cpu.go): "max" without
-# the fast-string flags, as far as this QEMU knows them.
-cpu=max
-flags=$(qemu-system-x86_64 -cpu help | sed -n '/^Recognized CPUID flags:/,/^$/p')
-for f in erms fsrm fsrs; do
-  if grep -qw -- "$f" <<<"$flags"; then cpu+=",$f=off"; fi
-done
-
 bare() {
   rm -f "$work/overlay.qcow2"
   qemu-img create -q -f qcow2 -b "$image/rootfs.img" -F raw "$work/overlay.qcow2"
@@ -43,9 +36,13 @@ bare() {
     -smbios "type=11,path=$work/unit.smbios" -smbios "type=11,path=$work/dropin.smbios"
 }
 
+# harness runs the unit with vmharness and sets cpu to the CPU model it
+# logged choosing (harness/cpu.go), for the bare boot that follows.
 harness() {
   VMHARNESS_KEEP_JOURNAL=never "$work/vmharness" run --name "bench-$$" --journal-dir "$work/journal" "$unit" 2>"$work/harness.log" \
     || { cat "$work/harness.log" >&2; return 1; }
+  cpu=$(sed -nE 's/.*, cpu ([^ ]+), vsock .*/\1/p' "$work/harness.log")
+  [ -n "$cpu" ] || { echo "boot.sh: no cpu model in the harness log" >&2; cat "$work/harness.log" >&2; return 1; }
 }
 
 now() { date +%s.%N; }
@@ -54,10 +51,10 @@ median() { sort -n | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a
 : >"$work/bare.times"
 : >"$work/harness.times"
 for i in $(seq "$runs"); do
-  t0=$(now); bare; t1=$(now)
-  awk -v a="$t0" -v b="$t1" 'BEGIN {print b - a}' >>"$work/bare.times"
   t0=$(now); harness; t1=$(now)
   awk -v a="$t0" -v b="$t1" 'BEGIN {print b - a}' >>"$work/harness.times"
+  t0=$(now); bare; t1=$(now)
+  awk -v a="$t0" -v b="$t1" 'BEGIN {print b - a}' >>"$work/bare.times"
   printf 'run %d: bare %.2fs  vmharness %.2fs\n' "$i" "$(tail -n1 "$work/bare.times")" "$(tail -n1 "$work/harness.times")"
 done
 b=$(median <"$work/bare.times")

@@ -16,8 +16,8 @@ import (
 // 2024) ends the translation block after every iteration of a REP string
 // instruction, so such a guest moves one byte per dispatch:
 // bench/cpumodel.sh measured guest→host vsock 2.7x slower with these flags
-// than without (bench/README.md). Without them the guest uses its 8-byte and unrolled
-// loops, which TCG runs well.
+// than without (bench/README.md). Without them the guest uses its 8-byte
+// and unrolled loops, which TCG runs well.
 var slowUnderTCG = []string{"erms", "fsrm", "fsrs"}
 
 // tcgCPUModel returns the -cpu value for software emulation: QEMU's "max"

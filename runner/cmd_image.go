@@ -12,6 +12,8 @@ import (
 
 const imageUsage = "usage: vmharness image build [--recipe PATH] [--cache-dir DIR] | vmharness image prune [--all] [--recipe PATH] [--cache-dir DIR]"
 
+const cacheDirHelp = "cache directory (default: $" + images.CacheDirEnv + ", $XDG_CACHE_HOME/vmharness or ~/.cache/vmharness)"
+
 // cmdImage implements "vmharness image build" and "vmharness image prune".
 func cmdImage(ctx context.Context, env *cliEnv, args []string) int {
 	if len(args) == 0 {
@@ -35,7 +37,7 @@ func cmdImageBuild(ctx context.Context, env *cliEnv, args []string) int {
 	fs := flag.NewFlagSet("image build", flag.ContinueOnError)
 	fs.SetOutput(env.stderr)
 	recipePath := fs.String("recipe", "", "image recipe JSON file (default: $VMHARNESS_RECIPE, else the built-in recipe)")
-	cacheDir := fs.String("cache-dir", "", "cache directory (default: $"+images.CacheDirEnv+", $XDG_CACHE_HOME/vmharness or ~/.cache/vmharness)")
+	cacheDir := fs.String("cache-dir", "", cacheDirHelp)
 	if err := fs.Parse(args); err != nil {
 		return exitHarnessError
 	}
@@ -61,7 +63,7 @@ func cmdImagePrune(env *cliEnv, args []string) int {
 	fs.SetOutput(env.stderr)
 	all := fs.Bool("all", false, "remove the current recipe's image too")
 	recipePath := fs.String("recipe", "", "keep this recipe's image (default: $VMHARNESS_RECIPE, else the built-in recipe)")
-	cacheDir := fs.String("cache-dir", "", "cache directory (default: $"+images.CacheDirEnv+", $XDG_CACHE_HOME/vmharness or ~/.cache/vmharness)")
+	cacheDir := fs.String("cache-dir", "", cacheDirHelp)
 	if err := fs.Parse(args); err != nil {
 		return exitHarnessError
 	}

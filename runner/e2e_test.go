@@ -103,6 +103,21 @@ func (r *e2eRun) wait(t *testing.T) {
 	t.Logf("vmharness run exited %d after %s:\n%s", r.exitCode, r.elapsed.Round(time.Second), r.stderr.String())
 }
 
+// waitForQEMU waits until the run named name has registered QEMU's pid
+// and returns its registry entry.
+func (r *e2eRun) waitForQEMU(t *testing.T, name string) registry.Entry {
+	t.Helper()
+	reg, err := registry.Open(r.runtime)
+	require.NoError(t, err)
+	var entry registry.Entry
+	require.Eventually(t, func() bool {
+		e, err := reg.Lookup(name)
+		entry = e
+		return err == nil && e.QEMUPID > 0
+	}, 10*time.Minute, 200*time.Millisecond, "the VM never started")
+	return entry
+}
+
 // assertNothingLeft checks that a finished run left no QEMU, no work dir
 // (overlay, sockets) and no registry entry.
 func (r *e2eRun) assertNothingLeft(t *testing.T, qemuPID int) {
@@ -153,15 +168,7 @@ func TestE2EExitCodes(t *testing.T) {
 func TestE2ESIGTERM(t *testing.T) {
 	requireE2E(t)
 	r := startRun(t, "--name", "sigterm", testUnitPath("hang.service"))
-	reg, err := registry.Open(r.runtime)
-	require.NoError(t, err)
-
-	var qemuPID int
-	require.Eventually(t, func() bool {
-		e, err := reg.Lookup("sigterm")
-		qemuPID = e.QEMUPID
-		return err == nil && e.QEMUPID > 0
-	}, 10*time.Minute, 200*time.Millisecond, "the VM never started")
+	qemuPID := r.waitForQEMU(t, "sigterm").QEMUPID
 	// Let the guest get somewhere so there is something to collect.
 	time.Sleep(5 * time.Second)
 
@@ -177,7 +184,7 @@ func TestE2ESIGTERM(t *testing.T) {
 	assert.Contains(t, r.stderr.String(), "interrupted")
 	r.assertNothingLeft(t, qemuPID)
 	// What was collected is kept for the failed run.
-	_, err = os.Stat(filepath.Join(r.jdir, "sigterm.console.log"))
+	_, err := os.Stat(filepath.Join(r.jdir, "sigterm.console.log"))
 	assert.NoError(t, err)
 }
 
@@ -188,14 +195,7 @@ func TestE2ESIGTERM(t *testing.T) {
 func TestE2EQEMUKilled(t *testing.T) {
 	requireE2E(t)
 	r := startRun(t, "--name", "qemu-killed", testUnitPath("hang.service"))
-	reg, err := registry.Open(r.runtime)
-	require.NoError(t, err)
-	var qemuPID int
-	require.Eventually(t, func() bool {
-		e, err := reg.Lookup("qemu-killed")
-		qemuPID = e.QEMUPID
-		return err == nil && e.QEMUPID > 0
-	}, 10*time.Minute, 200*time.Millisecond, "the VM never started")
+	qemuPID := r.waitForQEMU(t, "qemu-killed").QEMUPID
 	time.Sleep(5 * time.Second)
 
 	require.NoError(t, syscall.Kill(qemuPID, syscall.SIGKILL))
@@ -289,13 +289,7 @@ func TestE2ESSH(t *testing.T) {
 	requireE2E(t)
 	bin := vmharnessBinary(t)
 	r := startRun(t, "--name", "sshtest", filepath.Join("testdata", "ssh-wait.service"))
-	reg, err := registry.Open(r.runtime)
-	require.NoError(t, err)
-	var entry registry.Entry
-	require.Eventually(t, func() bool {
-		entry, err = reg.Lookup("sshtest")
-		return err == nil && entry.QEMUPID > 0
-	}, 10*time.Minute, 200*time.Millisecond)
+	entry := r.waitForQEMU(t, "sshtest")
 
 	cfg := filepath.Join(t.TempDir(), "ssh_config")
 	gen := exec.Command(bin, "ssh-config", "--output", cfg)
@@ -438,12 +432,7 @@ func TestE2EImagePrune(t *testing.T) {
 	t.Setenv("VMHARNESS_CACHE_DIR", cache)
 
 	r := startRun(t, "--name", "prune", testUnitPath("hang.service"))
-	reg, err := registry.Open(r.runtime)
-	require.NoError(t, err)
-	require.Eventually(t, func() bool {
-		e, err := reg.Lookup("prune")
-		return err == nil && e.QEMUPID > 0
-	}, 10*time.Minute, 200*time.Millisecond, "the VM never started")
+	r.waitForQEMU(t, "prune")
 
 	out, err := exec.Command(bin, "image", "prune", "--all").CombinedOutput()
 	require.NoError(t, err, "%s", out)
