@@ -306,14 +306,18 @@ func (c *conn) setMemTable(p []byte, fds []int) error {
 	if err != nil {
 		return fmt.Errorf("%w: %w", ErrProtocol, err)
 	}
+	// Queues exist only while the device runs, and a worker may read them
+	// at any moment. SetMemoryAll hands mem to none of them unless it covers
+	// every ring, so on failure no goroutine can hold a pointer into mem
+	// and unmapping it cannot fault a worker; the queues stay on c.mem
+	// until teardown stops the device.
+	queues := make([]*virtq.SplitQueue, len(c.rings))
 	for i, r := range c.rings {
-		if r.q == nil {
-			continue
-		}
-		if err := r.q.SetMemory(mem); err != nil {
-			_ = mem.Close()
-			return protoErr("queue %d is not in the new memory table: %v", i, err)
-		}
+		queues[i] = r.q
+	}
+	if err := virtq.SetMemoryAll(mem, queues); err != nil {
+		_ = mem.Close()
+		return fmt.Errorf("%w: the new memory table misses a running ring, keeping the old table: %w", ErrProtocol, err)
 	}
 	if c.mem != nil {
 		if c.isRunning() {

@@ -58,6 +58,9 @@ func FuzzMessage(f *testing.F) {
 	f.Add(fuzzSetup())
 	f.Add(fuzzSetup(vhostuser.AppendHeader(nil, vhostuser.Header{Request: vhostuser.GetVringBase, Flags: 1, Size: 8}), make([]byte, 8)))
 	f.Add(fuzzSetup(vhostuser.AppendHeader(nil, vhostuser.Header{Request: vhostuser.ResetDevice, Flags: 1 | vhostuser.FlagNeedReply})))
+	// A new table that covers queue 0's rings but not queue 1's.
+	partial := vhostuser.AppendMemTable(nil, []vhostuser.MemRegion{{GuestAddr: 0, Size: 0x1000, UserAddr: 1 << 20}})
+	f.Add(fuzzSetup(vhostuser.AppendHeader(nil, vhostuser.Header{Request: vhostuser.SetMemTable, Flags: 1, Size: uint32(len(partial))}), partial))
 	f.Add(vhostuser.AppendHeader(nil, vhostuser.Header{Request: vhostuser.GetFeatures, Flags: 2}))
 	f.Add(append(vhostuser.AppendHeader(nil, vhostuser.Header{Request: vhostuser.SetMemTable, Flags: 1, Size: 40}), 1, 0, 0, 0))
 

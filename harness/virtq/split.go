@@ -122,8 +122,46 @@ func NewSplitQueue(mem *Memory, cfg QueueConfig) (*SplitQueue, error) {
 
 // SetMemory re-translates the ring through a new memory table (the
 // front-end sent a new one). Chains handed out earlier keep aliasing the old
-// Memory, so the caller keeps it mapped until the device has stopped.
+// Memory, so the caller keeps it mapped until the device has stopped. To
+// move several queues, use SetMemoryAll.
 func (q *SplitQueue) SetMemory(mem *Memory) error {
+	v, err := q.translate(mem)
+	if err != nil {
+		return err
+	}
+	q.view.Store(v)
+	return nil
+}
+
+// SetMemoryAll moves every non-nil queue in queues to mem, or none of them:
+// if mem does not cover some queue's rings, no queue has seen mem when it
+// returns (the error names the first such queue by its index in queues), so
+// the caller may unmap mem at once. Moving queues one by one instead would
+// leave the ones moved before the failure reading a table the caller then
+// unmaps, which faults the process.
+func SetMemoryAll(mem *Memory, queues []*SplitQueue) error {
+	views := make([]*ringView, len(queues))
+	for i, q := range queues {
+		if q == nil {
+			continue
+		}
+		v, err := q.translate(mem)
+		if err != nil {
+			return fmt.Errorf("queue %d: %w", i, err)
+		}
+		views[i] = v
+	}
+	for i, q := range queues {
+		if q != nil {
+			q.view.Store(views[i])
+		}
+	}
+	return nil
+}
+
+// translate checks that mem holds the whole ring, at the queue's size and
+// with virtio's alignment, and returns the ring's view through it.
+func (q *SplitQueue) translate(mem *Memory) (*ringView, error) {
 	n := uint64(q.size)
 	extra := uint64(0)
 	if q.eventIdx {
@@ -131,23 +169,22 @@ func (q *SplitQueue) SetMemory(mem *Memory) error {
 	}
 	desc, err := mem.User(q.addrs.Desc, DescSize*n)
 	if err != nil {
-		return fmt.Errorf("descriptor table: %w", err)
+		return nil, fmt.Errorf("descriptor table: %w", err)
 	}
 	avail, err := mem.User(q.addrs.Avail, 4+2*n+extra)
 	if err != nil {
-		return fmt.Errorf("available ring: %w", err)
+		return nil, fmt.Errorf("available ring: %w", err)
 	}
 	used, err := mem.User(q.addrs.Used, 4+UsedElemSize*n+extra)
 	if err != nil {
-		return fmt.Errorf("used ring: %w", err)
+		return nil, fmt.Errorf("used ring: %w", err)
 	}
 	// The alignment virtio requires; it also makes the index accesses below
 	// single aligned machine words.
 	if uintptr(unsafe.Pointer(&desc[0]))%16 != 0 || uintptr(unsafe.Pointer(&avail[0]))%2 != 0 || uintptr(unsafe.Pointer(&used[0]))%4 != 0 {
-		return fmt.Errorf("ring addresses %#x/%#x/%#x are not aligned to 16/2/4 bytes", q.addrs.Desc, q.addrs.Avail, q.addrs.Used)
+		return nil, fmt.Errorf("ring addresses %#x/%#x/%#x are not aligned to 16/2/4 bytes", q.addrs.Desc, q.addrs.Avail, q.addrs.Used)
 	}
-	q.view.Store(&ringView{mem: mem, desc: desc, avail: avail, used: used})
-	return nil
+	return &ringView{mem: mem, desc: desc, avail: avail, used: used}, nil
 }
 
 // SetCall sets the eventfd Notify signals (nil: none). The caller owns the

@@ -462,6 +462,69 @@ func TestSplitQueueSetMemoryKeepsPosition(t *testing.T) {
 	assert.Equal(t, uint16(2), q.LastAvail())
 }
 
+func TestSetMemoryAllIsAllOrNothing(t *testing.T) {
+	// Two rings in two regions of one table; the new tables back them with
+	// copies, so a chain's buffer shows which table a queue reads.
+	r0, _ := newTestRing(t, 4)
+	r1, _ := newTestRing(t, 4)
+	r1.guestBase, r1.userBase = 0x100000, 0x7f0000100000
+	region := func(r *testRing, data []byte) MemoryRegion {
+		return MemoryRegion{GuestAddr: r.guestBase, UserAddr: r.userBase, Data: data}
+	}
+	old, err := NewMemory([]MemoryRegion{region(r0, r0.mem), region(r1, r1.mem)})
+	require.NoError(t, err)
+	var queues []*SplitQueue
+	for _, r := range []*testRing{r0, r1} {
+		q, err := NewSplitQueue(old, QueueConfig{Size: 4, Addrs: r.addrs()})
+		require.NoError(t, err)
+		queues = append(queues, q)
+	}
+	copy0 := append([]byte(nil), r0.mem...)
+	copy1 := append([]byte(nil), r1.mem...)
+	copies := [][]byte{copy0, copy1}
+
+	tests := []struct {
+		name    string
+		regions []MemoryRegion
+		wantErr string
+		want    [][]byte // the memory each queue's chain must come from
+	}{
+		{"misses queue 1", []MemoryRegion{region(r0, copy0)}, "queue 1: descriptor table", [][]byte{r0.mem, r1.mem}},
+		{"misses queue 1's used ring", []MemoryRegion{region(r0, copy0), region(r1, copy1[:r1.used+4+UsedElemSize*4-1])}, "queue 1: used ring", [][]byte{r0.mem, r1.mem}},
+		{"misses queue 0", []MemoryRegion{region(r1, copy1)}, "queue 0: descriptor table", [][]byte{r0.mem, r1.mem}},
+		{"covers both", []MemoryRegion{region(r0, copy0), region(r1, copy1)}, "", [][]byte{copy0, copy1}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			m, err := NewMemory(tt.regions)
+			require.NoError(t, err)
+			err = SetMemoryAll(m, append(queues, nil)) // nil: a queue not set up
+			if tt.wantErr != "" {
+				require.ErrorIs(t, err, ErrOutOfRange)
+				require.ErrorContains(t, err, tt.wantErr)
+			} else {
+				require.NoError(t, err)
+			}
+			for i, r := range []*testRing{r0, r1} {
+				// The same chain in the ring and in its copy, so whichever
+				// table the queue reads yields it.
+				for _, b := range [][]byte{r.mem, copies[i]} {
+					putDesc(b[r.desc:], r.gpa(r.data), 4, 0, 0)
+					binary.LittleEndian.PutUint16(b[r.avail+4+2*int(r.availIdx%r.size):], 0)
+					binary.LittleEndian.PutUint16(b[r.avail+2:], r.availIdx+1)
+				}
+				r.availIdx++
+				c, err := queues[i].Next()
+				require.NoError(t, err)
+				require.NotNil(t, c)
+				require.Len(t, c.Readable, 1)
+				assert.Same(t, &tt.want[i][r.data], &c.Readable[0][0], "queue %d reads the wrong table", i)
+				require.NoError(t, queues[i].Complete(c, 0))
+			}
+		})
+	}
+}
+
 func BenchmarkSplitQueueNextComplete(b *testing.B) {
 	r, m := newTestRing(b, 256)
 	q, err := NewSplitQueue(m, QueueConfig{Size: 256, Addrs: r.addrs(), Features: 1<<FeatureEventIdx | 1<<FeatureIndirectDesc})

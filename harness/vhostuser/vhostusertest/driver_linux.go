@@ -450,6 +450,7 @@ func (q *DriverQueue) setup() error {
 	q.writable = make([][]bool, q.size)
 	q.lens = make([][]int, q.size)
 	idx := uint32(q.index)
+	addrs := q.RingAddrs()
 	steps := []struct {
 		req     vhostuser.Request
 		payload []byte
@@ -458,7 +459,7 @@ func (q *DriverQueue) setup() error {
 		{vhostuser.SetVringNum, vhostuser.AppendVringState(nil, idx, uint32(q.size)), nil},
 		{vhostuser.SetVringBase, vhostuser.AppendVringState(nil, idx, 0), nil},
 		{vhostuser.SetVringAddr, vhostuser.AppendVringAddr(nil, vhostuser.VringAddr{
-			Index: idx, Desc: d.UserAddr(q.descOff), Used: d.UserAddr(q.usedOff), Avail: d.UserAddr(q.availOff),
+			Index: idx, Desc: addrs.Desc, Used: addrs.Used, Avail: addrs.Avail,
 		}), nil},
 		{vhostuser.SetVringKick, binary.LittleEndian.AppendUint64(nil, uint64(idx)), []int{kick}},
 		{vhostuser.SetVringCall, binary.LittleEndian.AppendUint64(nil, uint64(idx)), []int{call}},
@@ -479,6 +480,12 @@ func (q *DriverQueue) close() {
 	if q.call != nil {
 		_ = q.call.Close()
 	}
+}
+
+// RingAddrs returns the front-end user addresses of the ring's descriptor
+// table, available ring and used ring, as SET_VRING_ADDR announces them.
+func (q *DriverQueue) RingAddrs() virtq.RingAddresses {
+	return virtq.RingAddresses{Desc: q.d.UserAddr(q.descOff), Avail: q.d.UserAddr(q.availOff), Used: q.d.UserAddr(q.usedOff)}
 }
 
 // Index is the queue number.
