@@ -98,7 +98,7 @@ func writeSMBIOSFiles(dir string, creds []Credential) ([]string, error) {
 		if err := os.WriteFile(path, []byte(smbiosString(c)), 0o600); err != nil {
 			return nil, fmt.Errorf("writing credential %s for QEMU: %w", c.Name, err)
 		}
-		args = append(args, "-smbios", "type=11,path="+path)
+		args = append(args, "-smbios", "type=11,path="+QEMUOptionValue(path))
 	}
 	return args, nil
 }

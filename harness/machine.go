@@ -17,6 +17,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/vmharness/vmharness/harness/verdict"
 	"github.com/vmharness/vmharness/harness/vsock"
 )
 
@@ -52,22 +53,23 @@ type Config struct {
 	// WorkDir is a private directory for the overlay and credential files.
 	WorkDir    string
 	ConsoleLog string
-	Transport  vsock.Transport
-	// NotifyListener receives the guest's sd_notify connections; its port
-	// is NotifyPort.
-	NotifyListener net.Listener
-	NotifyPort     uint32
+	// Transport carries the guest's notify messages (the Machine listens
+	// on it for them) and whatever else the caller serves over vsock.
+	Transport vsock.Transport
 	// Timeout bounds the whole run (0: none). BootTimeout bounds the time
 	// until the guest's service manager first talks to the host, not
 	// counting time in which QEMU waited for a host CPU.
 	Timeout     time.Duration
 	BootTimeout time.Duration
 	// KeepOnFailure is called when the test unit failed while the VM is
-	// still up (the keep-on-failure drop-in is installed when it is set).
-	// It returns how long to keep the VM running for inspection; Run then
+	// still up (the test's failure action is off when it is set). It
+	// returns how long to keep the VM running for inspection; Run then
 	// returns only when QEMU exits, the time is up or ctx ends, with the
 	// test's failure as the outcome. Returning 0 stops the VM at once.
 	KeepOnFailure func(o Outcome) time.Duration
+	// Layer, if set, is a build-tree layer archive (images/layer) the
+	// guest's initrd unpacks over the root file system before PID 1.
+	Layer string
 	// OnReady is called once when the guest reports READY=1 (boot done).
 	OnReady func()
 	Logf    func(format string, args ...any)
@@ -75,15 +77,24 @@ type Config struct {
 
 // Result is what one VM run produced.
 type Result struct {
+	// Outcome is the verdict from what the run itself saw; Judge refines
+	// it with the test's journal.
 	Outcome Outcome
-	// ExitStatus is the guest's EXIT_STATUS, if it sent one.
-	ExitStatus    int
-	HasExitStatus bool
 	// ConsoleTail holds the last lines of the serial console.
 	ConsoleTail []string
 	// QEMUStderr is what QEMU itself printed (its errors).
 	QEMUStderr string
 	Elapsed    time.Duration
+
+	verdict *verdict.Verdict
+}
+
+// Judge completes the verdict with the test unit's result as recorded in
+// its journal, once the journal is complete, and returns the outcome.
+func (r *Result) Judge(j verdict.JournalUnitResult) Outcome {
+	r.verdict.Handle(j)
+	r.Outcome = r.verdict.Outcome()
+	return r.Outcome
 }
 
 // Machine is one QEMU process running a test. Create it with NewMachine,
@@ -93,7 +104,10 @@ type Machine struct {
 	cpu     string // QEMU's -cpu value
 	overlay string
 	args    []string
-	notify  *NotifyState
+	// notifyL receives the guest's sd_notify connections; Run serves and
+	// closes it (Close does, if Run never runs).
+	notifyL net.Listener
+	verdict *verdict.Verdict
 
 	mu   sync.Mutex
 	proc *os.Process
@@ -114,8 +128,8 @@ func NewMachine(ctx context.Context, cfg Config) (*Machine, error) {
 	if cfg.Logf == nil {
 		cfg.Logf = func(string, ...any) {}
 	}
-	if cfg.Transport == nil || cfg.NotifyListener == nil {
-		return nil, errors.New("harness: Config needs a vsock Transport and a NotifyListener")
+	if cfg.Transport == nil {
+		return nil, errors.New("harness: Config needs a vsock Transport")
 	}
 	for _, p := range []string{cfg.Image.Kernel, cfg.Image.Initrd, cfg.Image.Rootfs} {
 		if _, err := os.Stat(p); err != nil {
@@ -128,12 +142,32 @@ func NewMachine(ctx context.Context, cfg Config) (*Machine, error) {
 	}
 	cfg.QEMU = qemu
 
-	notifyAddr := fmt.Sprintf("vsock-stream:%d:%d", vsock.HostCID, cfg.NotifyPort)
-	creds := append(testUnitCredentials(cfg.Unit, cfg.KeepOnFailure != nil, notifyAddr), cfg.Credentials...)
+	if cfg.Layer != "" {
+		if _, err := os.Stat(cfg.Layer); err != nil {
+			return nil, fmt.Errorf("build-tree layer: %w", err)
+		}
+	}
+
+	notifyL, notifyPort, err := vsock.ListenFree(cfg.Transport)
+	if err != nil {
+		return nil, fmt.Errorf("listening for the guest's notifications: %w", err)
+	}
+	m := &Machine{cfg: cfg, cpu: cfg.CPUModel, notifyL: notifyL}
+	ok := false
+	defer func() {
+		if !ok {
+			notifyL.Close()
+		}
+	}()
+	notifyAddr := fmt.Sprintf("vsock-stream:%d:%d", vsock.HostCID, notifyPort)
+	guest := verdict.GuestSetup{Unit: cfg.Unit.Name, NotifyAddress: notifyAddr, KeepOnFailure: cfg.KeepOnFailure != nil}
+	m.verdict = verdict.New(verdict.Config{KeepOnFailure: guest.KeepOnFailure, TestNotStarted: cfg.SkipTestUnit})
+	creds := testUnitCredentials(cfg.Unit, guest)
+	creds = append(creds, Credential{Name: "vmm.notify_socket", Value: []byte(notifyAddr)})
+	creds = append(creds, cfg.Credentials...)
 	if err := CheckCredentialSizes(creds); err != nil {
 		return nil, err
 	}
-	m := &Machine{cfg: cfg, notify: newNotifyState(), cpu: cfg.CPUModel}
 	switch {
 	case m.cpu != "":
 	case cfg.Accel.KVM():
@@ -152,8 +186,13 @@ func NewMachine(ctx context.Context, cfg Config) (*Machine, error) {
 		return nil, err
 	}
 	m.args = m.qemuArgs(smbiosArgs)
+	ok = true
 	return m, nil
 }
+
+// Close releases what NewMachine acquired, for a Machine whose Run is
+// never called; Run releases it itself.
+func (m *Machine) Close() error { return m.notifyL.Close() }
 
 // createOverlay makes the per-run copy-on-write disk. The backing file is
 // referenced by absolute path and opened read-only by QEMU, so the cached
@@ -231,16 +270,22 @@ func (m *Machine) qemuArgs(smbiosArgs []string) []string {
 		// are seen); /dev/console is a virtio console, because journald's
 		// journal+console output through an emulated UART is so slow under
 		// TCG that a chatty test loses lines at shutdown. Both share one log.
-		"-chardev", "file,id=console,mux=on,path=" + cfg.ConsoleLog,
+		"-chardev", "file,id=console,mux=on,path=" + QEMUOptionValue(cfg.ConsoleLog),
 		"-serial", "chardev:console",
 		"-device", "virtio-serial-pci,id=virtio-serial",
 		"-device", "virtconsole,chardev=console",
 		"-kernel", cfg.Image.Kernel,
 		"-initrd", cfg.Image.Initrd,
 		"-append", m.KernelCommandLine(),
-		"-drive", "if=none,id=root,file=" + m.overlay + ",format=qcow2,discard=unmap,cache=unsafe",
+		"-drive", "if=none,id=root,file=" + QEMUOptionValue(m.overlay) + ",format=qcow2,discard=unmap,cache=unsafe",
 		"-device", "virtio-blk-pci,drive=root",
 		"-device", "virtio-rng-pci",
+	}
+	if cfg.Layer != "" {
+		// The initrd finds the layer by this serial (images/layer).
+		args = append(args,
+			"-drive", "if=none,id=layer,file="+QEMUOptionValue(cfg.Layer)+",format=raw,readonly=on",
+			"-device", "virtio-blk-pci,drive=layer,serial=vmharness-layer")
 	}
 	args = append(args, cfg.Transport.QEMUArgs()...)
 	args = append(args, smbiosArgs...)
@@ -273,9 +318,9 @@ func (m *Machine) PID() int {
 var errStartQEMU = errors.New("starting QEMU")
 
 // Run boots the VM and waits until it stops, the timeout expires or ctx
-// ends, then returns the outcome. QEMU never outlives Run unless the
-// caller asked for Detach and calls Keep before ctx ends. A non-nil error
-// means the harness itself failed (exit 99).
+// ends, then returns the outcome. QEMU never outlives Run unless
+// KeepOnFailure keeps it, and then only until the keep time is up or ctx
+// ends. A non-nil error means the harness itself failed (exit 99).
 func (m *Machine) Run(ctx context.Context, started func(pid int)) (*Result, error) {
 	cfg := m.cfg
 	start := time.Now()
@@ -287,11 +332,12 @@ func (m *Machine) Run(ctx context.Context, started func(pid int)) (*Result, erro
 	// If the runner is killed outright, the kernel kills QEMU too.
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 
+	msgs := make(chan verdict.Notify, 16)
 	notifyCtx, stopNotify := context.WithCancel(context.Background())
 	notifyDone := make(chan struct{})
 	go func() {
 		defer close(notifyDone)
-		serveNotify(notifyCtx, cfg.NotifyListener, m.notify, cfg.Logf)
+		serveNotify(notifyCtx, m.notifyL, msgs, cfg.Logf)
 	}()
 	defer func() { stopNotify(); <-notifyDone }()
 
@@ -319,178 +365,160 @@ func (m *Machine) Run(ctx context.Context, started func(pid int)) (*Result, erro
 		started(cmd.Process.Pid)
 	}
 
-	var timeout, bootTimeout <-chan time.Time
+	l := &runLoop{m: m, exited: exited, qemuStarted: time.Now()}
 	if cfg.Timeout > 0 {
-		t := time.NewTimer(cfg.Timeout)
-		defer t.Stop()
-		timeout = t.C
+		l.timeout = time.NewTimer(cfg.Timeout)
+		defer l.timeout.Stop()
 	}
-	qemuStarted := time.Now()
-	var bootTimer *time.Timer
-	slowBootLogged := false
 	if cfg.BootTimeout > 0 {
-		bootTimer = time.NewTimer(cfg.BootTimeout)
-		defer bootTimer.Stop()
-		bootTimeout = bootTimer.C
+		l.bootTimer = time.NewTimer(cfg.BootTimeout)
+		defer l.bootTimer.Stop()
 	}
-	// Once EXIT_STATUS is in, PID 1 is powering off; give it a bounded time.
-	var shutdownTimeout <-chan time.Time
+	waitErr := l.run(ctx, msgs)
 
-	var killReason string
-	var waitErr error
-	var kept *Outcome // the failure decided while the VM was kept running
-	var keepTimeout <-chan time.Time
-	readyReported := false
-wait:
+	// The last notify connection (EXIT_STATUS) may still be in flight when
+	// QEMU exits; give it a moment before the listener goes away.
+	grace := time.After(500 * time.Millisecond)
+drain:
 	for {
 		select {
-		case waitErr = <-exited:
-			break wait
-		case <-m.notify.changed:
-			if _, ok := m.notify.ExitStatus(); ok && shutdownTimeout == nil {
-				t := time.NewTimer(30 * time.Second * cfg.Accel.TimeoutScale())
-				defer t.Stop()
-				shutdownTimeout = t.C
-			} else if !ok {
-				// The guest announced a reboot after all: not ending yet.
-				shutdownTimeout = nil
+		case msg := <-msgs:
+			m.verdict.Handle(msg)
+		case <-grace:
+			break drain
+		}
+	}
+	stopNotify()
+	<-notifyDone
+	for len(msgs) > 0 {
+		m.verdict.Handle(<-msgs)
+	}
+
+	res := &Result{Elapsed: time.Since(start), QEMUStderr: strings.TrimSpace(stderr.String()), verdict: m.verdict}
+	res.ConsoleTail = consoleTail(cfg.ConsoleLog, 40)
+	end := verdict.QEMUExited{Stderr: res.QEMUStderr, ConsoleTail: res.ConsoleTail}
+	if sig, ok := killedBy(waitErr); ok {
+		end.Signal = sig
+	} else if cmd.ProcessState != nil {
+		end.Status = cmd.ProcessState.ExitCode()
+	}
+	m.verdict.Handle(end)
+	res.Outcome = m.verdict.Outcome()
+	return res, nil
+}
+
+// runLoop is Run's wait for QEMU: it feeds the verdict every notify
+// message and timer, and carries out what the verdict asks for.
+type runLoop struct {
+	m           *Machine
+	exited      <-chan error
+	qemuStarted time.Time
+
+	timeout, bootTimer *time.Timer
+	// Once the final EXIT_STATUS is in, PID 1 is powering off; it gets a
+	// bounded time.
+	powerOff       *time.Timer
+	keep           *time.Timer
+	slowBootLogged bool
+}
+
+func timerC(t *time.Timer) <-chan time.Time {
+	if t == nil {
+		return nil
+	}
+	return t.C
+}
+
+// run returns QEMU's exit error once QEMU is gone.
+func (l *runLoop) run(ctx context.Context, msgs <-chan verdict.Notify) error {
+	m, cfg := l.m, l.m.cfg
+	defer func() {
+		for _, t := range []*time.Timer{l.powerOff, l.keep} {
+			if t != nil {
+				t.Stop()
 			}
-			if !readyReported && m.notify.Ready() && cfg.OnReady != nil {
-				readyReported = true
+		}
+	}()
+	stop := func(why verdict.StopReason, detail string) error {
+		m.verdict.Handle(verdict.Stopped{Why: why, Detail: detail})
+		return m.kill(l.exited)
+	}
+	for {
+		select {
+		case err := <-l.exited:
+			return err
+		case msg := <-msgs:
+			step := m.verdict.Handle(msg)
+			if step.Ready && cfg.OnReady != nil {
 				cfg.OnReady()
 			}
-			if status, ok := m.notify.TestFailedStatus(); ok && kept == nil && cfg.KeepOnFailure != nil {
-				o := OutcomeFromExitStatus(status, true)
-				kept = &o
-				keepFor := time.Duration(0)
-				if !o.Passed() && !o.Skipped() {
-					keepFor = cfg.KeepOnFailure(o)
-				}
+			if step.AwaitPowerOff && l.powerOff == nil {
+				l.powerOff = time.NewTimer(30 * time.Second * cfg.Accel.TimeoutScale())
+			}
+			if step.Rebooting && l.powerOff != nil {
+				l.powerOff.Stop()
+				l.powerOff = nil
+			}
+			if step.StopNow {
+				return stop(verdict.StopTestOver, "")
+			}
+			if step.Hold != nil && cfg.KeepOnFailure != nil {
+				keepFor := cfg.KeepOnFailure(*step.Hold)
 				if keepFor <= 0 {
-					waitErr = m.kill(exited)
-					break wait
+					return stop(verdict.StopTestOver, "")
 				}
 				// The test's timeouts no longer apply; the keep time does.
-				timeout, bootTimeout = nil, nil
-				t := time.NewTimer(keepFor)
-				defer t.Stop()
-				keepTimeout = t.C
+				for _, t := range []*time.Timer{l.timeout, l.bootTimer} {
+					if t != nil {
+						t.Stop()
+					}
+				}
+				l.timeout, l.bootTimer = nil, nil
+				l.keep = time.NewTimer(keepFor)
 			}
-		case <-keepTimeout:
+		case <-timerC(l.keep):
 			cfg.Logf("%s: keep time is up, stopping the VM", cfg.Name)
-			waitErr = m.kill(exited)
-			break wait
-		case <-bootTimeout:
-			if m.notify.heard() {
+			return stop(verdict.StopKeepTimeUp, "")
+		case <-timerC(l.bootTimer):
+			if m.verdict.Heard() {
 				break
 			}
 			// Time in which the host gave QEMU no CPU does not count: on
 			// an overloaded machine (CI running many VMs) a slow boot is
 			// not a hung one.
-			elapsed, starved := time.Since(qemuStarted), cpuStarvation(cmd.Process.Pid)
+			elapsed, starved := time.Since(l.qemuStarted), cpuStarvation(m.PID())
 			if left := bootTimeLeft(cfg.BootTimeout, elapsed, starved); left > 0 {
-				if !slowBootLogged {
-					slowBootLogged = true
+				if !l.slowBootLogged {
+					l.slowBootLogged = true
 					cfg.Logf("%s: slow boot: in %s QEMU has waited %s for a host CPU; the boot timeout does not count that time",
 						cfg.Name, elapsed.Round(time.Second), starved.Round(time.Second))
 				}
-				bootTimer.Reset(max(left, time.Second))
+				l.bootTimer.Reset(max(left, time.Second))
 				break
 			}
-			killReason = fmt.Sprintf("guest did not boot within %s (no message from its service manager over vsock)", cfg.BootTimeout)
+			detail := fmt.Sprintf("guest did not boot within %s (no message from its service manager over vsock)", cfg.BootTimeout)
 			if starved >= time.Second {
-				killReason = fmt.Sprintf("guest did not boot within %s (%s in all, of which QEMU waited %s for a host CPU; no message from its service manager over vsock)",
+				detail = fmt.Sprintf("guest did not boot within %s (%s in all, of which QEMU waited %s for a host CPU; no message from its service manager over vsock)",
 					cfg.BootTimeout, elapsed.Round(time.Second), starved.Round(time.Second))
 			}
-			waitErr = m.kill(exited)
-			break wait
-		case <-shutdownTimeout:
-			killReason = "guest reported its exit status but did not power off"
-			waitErr = m.kill(exited)
-			break wait
-		case <-timeout:
-			killReason = fmt.Sprintf("test timed out after %s", cfg.Timeout)
-			waitErr = m.kill(exited)
-			break wait
+			return stop(verdict.StopBootTimeout, detail)
+		case <-timerC(l.powerOff):
+			return stop(verdict.StopShutdownTimeout, "")
+		case <-timerC(l.timeout):
+			return stop(verdict.StopTimeout, "after "+cfg.Timeout.String())
 		case <-ctx.Done():
-			if kept == nil {
-				killReason = "interrupted: " + context.Cause(ctx).Error()
+			why := verdict.StopInterrupted
+			if errors.Is(context.Cause(ctx), ErrShellExited) {
+				why = verdict.StopShellExited
 			}
-			waitErr = m.kill(exited)
-			break wait
+			return stop(why, context.Cause(ctx).Error())
 		}
 	}
-
-	// The last notify connection (EXIT_STATUS) may still be in flight when
-	// QEMU exits; give it a moment before the listener goes away.
-	if _, ok := m.notify.ExitStatus(); !ok && killReason == "" {
-		select {
-		case <-m.notify.changed:
-		case <-time.After(500 * time.Millisecond):
-		}
-	}
-	stopNotify()
-	<-notifyDone
-
-	res := &Result{Elapsed: time.Since(start), QEMUStderr: strings.TrimSpace(stderr.String())}
-	res.ConsoleTail = consoleTail(cfg.ConsoleLog, 40)
-	res.ExitStatus, res.HasExitStatus = m.notify.ExitStatus()
-	res.Outcome = m.outcome(killReason, waitErr, res)
-	if kept != nil {
-		res.Outcome = *kept
-	}
-	return res, nil
 }
 
-func (m *Machine) outcome(killReason string, waitErr error, res *Result) Outcome {
-	return decideOutcome(killReason, waitErr, m.notify.heard(), res)
-}
-
-// decideOutcome maps how the run ended to the test's outcome: the reason
-// the harness killed QEMU, QEMU's exit error, whether the guest's service
-// manager was ever heard, and what the result has collected (EXIT_STATUS,
-// console tail, QEMU's stderr).
-func decideOutcome(killReason string, waitErr error, heard bool, res *Result) Outcome {
-	if killReason != "" {
-		return Outcome{ExitCode: ExitFail, Reason: killReason}
-	}
-	if res.HasExitStatus {
-		return OutcomeFromExitStatus(res.ExitStatus, true)
-	}
-	if line := findPanic(res.ConsoleTail); line != "" {
-		return Outcome{ExitCode: ExitFail, Reason: "guest kernel panicked: " + line}
-	}
-	if sig, ok := killedBy(waitErr); ok {
-		// Nothing in the harness sends QEMU a signal it dies of once the
-		// run was not asked to stop: QEMU crashed or something on the host
-		// (the OOM killer, a user) killed it. Not the test's doing.
-		reason := "QEMU was killed by signal " + sig
-		if msg := lastErrorLine(res.QEMUStderr); msg != "" {
-			reason += ": " + msg
-		}
-		return Outcome{ExitCode: ExitHarnessError, Reason: reason}
-	}
-	if waitErr != nil && heard {
-		// QEMU says why when it stops on an error of its own (a device
-		// failing, say); on the pvpanic event it exits with a failure
-		// status and says nothing, and the console may not have flushed
-		// the panic message.
-		if msg := lastErrorLine(res.QEMUStderr); msg != "" {
-			return Outcome{ExitCode: ExitFail, Reason: "QEMU stopped with an error (" + waitErr.Error() + "): " + msg}
-		}
-		return Outcome{ExitCode: ExitFail, Reason: "guest kernel panicked (QEMU exited on the pvpanic event: " + waitErr.Error() + ")"}
-	}
-	if waitErr != nil {
-		// QEMU failed before the guest got anywhere: a harness problem
-		// (bad arguments, device setup), not a test failure.
-		msg := lastErrorLine(res.QEMUStderr)
-		if msg == "" {
-			msg = waitErr.Error()
-		}
-		return Outcome{ExitCode: ExitHarnessError, Reason: "QEMU failed: " + msg}
-	}
-	return OutcomeFromExitStatus(0, false)
-}
+// ErrShellExited is the cause to cancel a shell-mode run's context with
+// once the user's shell session has ended.
+var ErrShellExited = errors.New("the shell session ended")
 
 // kill stops QEMU: SIGTERM lets it exit cleanly, SIGKILL follows if not.
 func (m *Machine) kill(exited <-chan error) error {
@@ -505,27 +533,6 @@ func (m *Machine) kill(exited <-chan error) error {
 	}
 	p.Kill()
 	return <-exited
-}
-
-func findPanic(lines []string) string {
-	for _, l := range lines {
-		if strings.Contains(l, "Kernel panic") || strings.Contains(l, "kernel BUG at") {
-			return strings.TrimSpace(l)
-		}
-	}
-	return ""
-}
-
-// lastErrorLine returns QEMU's last output line that is not a warning
-// (QEMU warns at start-up about CPU features TCG lacks, for example).
-func lastErrorLine(s string) string {
-	lines := strings.Split(strings.TrimSpace(s), "\n")
-	for i := len(lines) - 1; i >= 0; i-- {
-		if l := strings.TrimSpace(lines[i]); l != "" && !strings.Contains(l, "warning:") {
-			return l
-		}
-	}
-	return ""
 }
 
 // killedBy reports the signal QEMU died of, if its exit error says it
@@ -610,3 +617,7 @@ func (t *tailBuffer) String() string {
 	defer t.mu.Unlock()
 	return t.buf.String()
 }
+
+// QEMUOptionValue escapes a value (a path) for a QEMU option list, where
+// a comma separates options and ",," stands for a literal comma.
+func QEMUOptionValue(s string) string { return strings.ReplaceAll(s, ",", ",,") }

@@ -2,6 +2,7 @@ package harness
 
 import (
 	"context"
+	"encoding/base64"
 	"net"
 	"os"
 	"os/exec"
@@ -13,6 +14,8 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
+	mdvsock "github.com/mdlayher/vsock"
+
 	"github.com/vmharness/vmharness/harness/vsock"
 )
 
@@ -23,10 +26,17 @@ func (fakeTransport) Kind() vsock.Kind                               { return vs
 func (fakeTransport) CID() uint32                                    { return 42 }
 func (fakeTransport) QEMUArgs() []string                             { return []string{"-device", "fake-vsock"} }
 func (fakeTransport) ExtraFiles() []*os.File                         { return nil }
-func (fakeTransport) Listen(uint32) (net.Listener, error)            { return nil, nil }
+func (fakeTransport) Listen(uint32) (net.Listener, error)            { return fakeListener{}, nil }
 func (fakeTransport) Dial(context.Context, uint32) (net.Conn, error) { return nil, nil }
 func (fakeTransport) HybridSocket() string                           { return "" }
 func (fakeTransport) Close() error                                   { return nil }
+
+// fakeListener is a vsock listener nobody connects to.
+type fakeListener struct{}
+
+func (fakeListener) Accept() (net.Conn, error) { return nil, net.ErrClosed }
+func (fakeListener) Close() error              { return nil }
+func (fakeListener) Addr() net.Addr            { return &mdvsock.Addr{ContextID: 2, Port: 9} }
 
 func TestNewMachineArgs(t *testing.T) {
 	if _, err := exec.LookPath("qemu-img"); err != nil {
@@ -38,10 +48,9 @@ func TestNewMachineArgs(t *testing.T) {
 		require.NoError(t, os.WriteFile(f, []byte("x"), 0o644))
 	}
 	require.NoError(t, os.WriteFile(img.Rootfs, make([]byte, 1<<20), 0o444))
-	l, err := net.Listen("unix", filepath.Join(dir, "n.sock"))
-	require.NoError(t, err)
-	defer l.Close()
 	work := t.TempDir()
+	layer := filepath.Join(dir, "layer,1.cpio")
+	require.NoError(t, os.WriteFile(layer, nil, 0o644))
 	// A stand-in QEMU that only answers -cpu help; the VM is not started.
 	qemu := filepath.Join(dir, "qemu-system-x86_64")
 	require.NoError(t, os.WriteFile(qemu, []byte("#!/bin/sh\nprintf 'Recognized CPUID flags:\\n  erms fsrm sse2\\n'\n"), 0o755))
@@ -61,18 +70,17 @@ func TestNewMachineArgs(t *testing.T) {
 		t.Run(tt.name, func(t *testing.T) {
 			m, err := NewMachine(context.Background(), Config{
 				Name: "t", QEMU: qemu,
-				Image:          img,
-				Unit:           TestUnit{Name: "t.service", Text: []byte("[Service]\nExecStart=/bin/true\n")},
-				Credentials:    []Credential{{Name: "secret", Value: []byte("hunter2")}},
-				KernelArgs:     []string{"extra.arg=1"},
-				Accel:          Accel{Name: "tcg"},
-				WorkDir:        work,
-				ConsoleLog:     filepath.Join(work, "console.log"),
-				Transport:      fakeTransport{},
-				NotifyListener: l,
-				NotifyPort:     9,
-				SkipTestUnit:   tt.skipUnit,
-				CPUModel:       tt.cpuModel,
+				Image:        img,
+				Unit:         TestUnit{Name: "t.service", Text: []byte("[Service]\nExecStart=/bin/true\n")},
+				Credentials:  []Credential{{Name: "secret", Value: []byte("hunter2")}},
+				KernelArgs:   []string{"extra.arg=1"},
+				Accel:        Accel{Name: "tcg"},
+				WorkDir:      work,
+				ConsoleLog:   filepath.Join(work, "console,log"),
+				Layer:        layer,
+				Transport:    fakeTransport{},
+				SkipTestUnit: tt.skipUnit,
+				CPUModel:     tt.cpuModel,
 			})
 			require.NoError(t, err)
 			cmdline := m.KernelCommandLine()
@@ -86,6 +94,12 @@ func TestNewMachineArgs(t *testing.T) {
 			assert.Contains(t, args, "-nic none")
 			assert.NotContains(t, args, "hunter2", "credential values must not be on QEMU's command line")
 			assert.Contains(t, args, filepath.Join(work, "overlay.qcow2"))
+			assert.Contains(t, args, "path="+strings.ReplaceAll(filepath.Join(work, "console,log"), ",", ",,")+" ", "paths in QEMU option lists are comma-escaped")
+			assert.Contains(t, args, "-device virtio-blk-pci,drive=layer,serial=vmharness-layer")
+			assert.Contains(t, args, "file="+strings.ReplaceAll(layer, ",", ",,")+",format=raw,readonly=on")
+			smbios, err := os.ReadFile(filepath.Join(work, "credential-006.smbios"))
+			require.NoError(t, err)
+			assert.Equal(t, "io.systemd.credential.binary:vmm.notify_socket="+base64.StdEncoding.EncodeToString([]byte("vsock-stream:2:9")), string(smbios), "the Machine owns the notify socket and tells the guest")
 
 			// The overlay is backed by the image, which stays untouched.
 			out, err := exec.Command("qemu-img", "info", "-U", filepath.Join(work, "overlay.qcow2")).CombinedOutput()
@@ -97,72 +111,10 @@ func TestNewMachineArgs(t *testing.T) {
 
 func TestNewMachineErrors(t *testing.T) {
 	dir := t.TempDir()
-	l, err := net.Listen("unix", filepath.Join(dir, "n.sock"))
-	require.NoError(t, err)
-	defer l.Close()
 	img := BootImage{Kernel: filepath.Join(dir, "none"), Initrd: filepath.Join(dir, "none"), Rootfs: filepath.Join(dir, "none")}
-	_, err = NewMachine(context.Background(), Config{Image: img, Transport: fakeTransport{}, NotifyListener: l, WorkDir: dir})
+	_, err := NewMachine(context.Background(), Config{Image: img, Transport: fakeTransport{}, WorkDir: dir})
 	require.Error(t, err)
 	assert.Contains(t, err.Error(), "image file missing")
-}
-
-// exitError returns the error of a real process that ended as the shell
-// command says.
-func exitError(t *testing.T, shell string) error {
-	err := exec.Command("/bin/sh", "-c", shell).Run()
-	require.Error(t, err)
-	return err
-}
-
-func TestDecideOutcome(t *testing.T) {
-	exit1 := exitError(t, "exit 1")
-	killed := exitError(t, "kill -KILL $$")
-	tests := []struct {
-		name       string
-		killReason string
-		waitErr    error
-		heard      bool
-		res        Result
-		wantCode   int
-		wantReason string
-	}{
-		{name: "harness killed it", killReason: "test timed out after 1m0s", heard: true,
-			res: Result{HasExitStatus: true, ExitStatus: GuestStatusPass}, wantCode: ExitFail, wantReason: "test timed out"},
-		{name: "EXIT_STATUS decides", heard: true, res: Result{HasExitStatus: true, ExitStatus: GuestStatusSkip},
-			wantCode: ExitSkip, wantReason: "skipped"},
-		{name: "panic on the console", waitErr: exit1, heard: true,
-			res:      Result{ConsoleTail: []string{"[ 3.1] Kernel panic - not syncing: sysrq triggered crash"}, QEMUStderr: "qemu: some error"},
-			wantCode: ExitFail, wantReason: "guest kernel panicked: [ 3.1] Kernel panic"},
-		{name: "pvpanic exit without a console line", waitErr: exit1, heard: true,
-			wantCode: ExitFail, wantReason: "guest kernel panicked (QEMU exited on the pvpanic event: exit status 1)"},
-		{name: "a start-up warning is not QEMU's error", waitErr: exit1, heard: true,
-			res:      Result{QEMUStderr: "qemu-system-x86_64: warning: TCG doesn't support requested feature: CPUID.01H:ECX.vmx [bit 5]\n"},
-			wantCode: ExitFail, wantReason: "guest kernel panicked (QEMU exited on the pvpanic event"},
-		{name: "QEMU's own error after the guest spoke", waitErr: exit1, heard: true,
-			res:      Result{QEMUStderr: "qemu-system-x86_64: warning: something\nqemu-system-x86_64: Failed to read msg header. Read 0 instead of 12.\n"},
-			wantCode: ExitFail, wantReason: "QEMU stopped with an error (exit status 1): qemu-system-x86_64: Failed to read msg header"},
-		{name: "QEMU failed before the guest spoke", waitErr: exit1,
-			res:      Result{QEMUStderr: "qemu-system-x86_64: -device foo: 'foo' is not a valid device model name\n"},
-			wantCode: ExitHarnessError, wantReason: "QEMU failed: qemu-system-x86_64: -device foo"},
-		{name: "QEMU killed by a signal mid-run", waitErr: killed, heard: true,
-			wantCode: ExitHarnessError, wantReason: "QEMU was killed by signal killed"},
-		{name: "QEMU crashed with a message", waitErr: exitError(t, "kill -ABRT $$"), heard: true,
-			res:      Result{QEMUStderr: "qemu-system-x86_64: ../hw/virtio/virtio.c:123: assertion failed\n"},
-			wantCode: ExitHarnessError, wantReason: "QEMU was killed by signal aborted: qemu-system-x86_64: ../hw/virtio/virtio.c:123: assertion failed"},
-		{name: "QEMU failed before the guest spoke, warning first", waitErr: exit1,
-			res:      Result{QEMUStderr: "qemu-system-x86_64: -machine q35: bad option\nqemu-system-x86_64: warning: late warning\n"},
-			wantCode: ExitHarnessError, wantReason: "QEMU failed: qemu-system-x86_64: -machine q35: bad option"},
-		{name: "clean exit without EXIT_STATUS", heard: true,
-			wantCode: ExitFail, wantReason: "VM stopped without the test's success action"},
-	}
-	for _, tt := range tests {
-		t.Run(tt.name, func(t *testing.T) {
-			res := tt.res
-			got := decideOutcome(tt.killReason, tt.waitErr, tt.heard, &res)
-			assert.Equal(t, tt.wantCode, got.ExitCode)
-			assert.Contains(t, got.Reason, tt.wantReason)
-		})
-	}
 }
 
 func TestBootTimeLeft(t *testing.T) {

@@ -7,10 +7,10 @@ import (
 	"errors"
 	"io"
 	"net"
-	"strconv"
-	"strings"
 	"sync"
 	"time"
+
+	"github.com/vmharness/vmharness/harness/verdict"
 )
 
 // maxNotifyMessage bounds one notify connection. systemd's own messages are
@@ -21,13 +21,16 @@ const maxNotifyMessage = 64 << 10
 // PID 1 writes a message and closes at once.
 const notifyReadTimeout = 30 * time.Second
 
-// NotifyMessage is one sd_notify message: the assignments of one connection.
-type NotifyMessage map[string]string
-
 // parseNotify splits a message into its NAME=VALUE lines. Lines without '='
-// are ignored, as systemd does.
-func parseNotify(data []byte) NotifyMessage {
-	m := NotifyMessage{}
+// are ignored, as systemd does. When the stream broke (complete is false)
+// only newline-terminated lines are taken: a cut-off last line could turn
+// EXIT_STATUS=123 into EXIT_STATUS=12.
+func parseNotify(data []byte, complete bool) verdict.Notify {
+	if !complete {
+		i := bytes.LastIndexByte(data, '\n')
+		data = data[:i+1]
+	}
+	m := verdict.Notify{}
 	for _, line := range bytes.Split(data, []byte("\n")) {
 		key, value, ok := bytes.Cut(line, []byte("="))
 		if !ok || len(key) == 0 {
@@ -38,125 +41,13 @@ func parseNotify(data []byte) NotifyMessage {
 	return m
 }
 
-// NotifyState is what the guest's service manager told the host so far.
-type NotifyState struct {
-	mu         sync.Mutex
-	ready      bool
-	exitStatus *int
-	// testStatus is the failed test's status as reported by the
-	// keep-on-failure drop-in while the VM stays up.
-	testStatus *int
-	// shutdown is the guest's announced shutdown (X_SYSTEMD_SHUTDOWN) in
-	// the current boot; a reboot's EXIT_STATUS is not the test's result.
-	shutdown   string
-	lastStatus string
-	events     chan NotifyMessage
-	changed    chan struct{}
-}
-
-func newNotifyState() *NotifyState {
-	return &NotifyState{changed: make(chan struct{}, 1)}
-}
-
-// ExitStatus returns the EXIT_STATUS the guest reported, if any.
-func (s *NotifyState) ExitStatus() (int, bool) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if s.exitStatus == nil {
-		return 0, false
-	}
-	return *s.exitStatus, true
-}
-
-// TestFailedStatus returns the status the keep-on-failure drop-in reported
-// for a failed test unit, if it did.
-func (s *NotifyState) TestFailedStatus() (int, bool) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if s.testStatus == nil {
-		return 0, false
-	}
-	return *s.testStatus, true
-}
-
-// Ready reports whether the guest sent READY=1.
-func (s *NotifyState) Ready() bool {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.ready
-}
-
-// Heard reports whether any message arrived.
-func (s *NotifyState) heard() bool {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.lastStatus != "" || s.ready || s.exitStatus != nil
-}
-
-func (s *NotifyState) apply(m NotifyMessage) {
-	s.mu.Lock()
-	if m["READY"] == "1" {
-		s.ready = true
-	}
-	if v, ok := m["X_SYSTEMD_SHUTDOWN"]; ok {
-		s.shutdown = v
-		if rebooting(v) {
-			s.exitStatus = nil
-		}
-	} else if _, ok := m["X_SYSTEMD_UNIT_ACTIVE"]; ok || m["READY"] == "1" {
-		// A message from a running service manager: a new boot.
-		s.shutdown = ""
-	}
-	if v, ok := m["EXIT_STATUS"]; ok && !rebooting(s.shutdown) {
-		// A malformed status from the guest is recorded as an unparsable
-		// status rather than ignored, so the test fails visibly.
-		n, err := strconv.Atoi(strings.TrimSpace(v))
-		if err != nil || n < 0 || n > 255 {
-			n = -1
-		}
-		s.exitStatus = &n
-	}
-	if _, ok := m[notifyTestResult]; ok {
-		n, err := strconv.Atoi(strings.TrimSpace(m[notifyTestStatus]))
-		if err != nil || n < 0 || n > 255 {
-			// A test killed by a signal or a timeout has no exit status;
-			// any nonzero status that is not 77 fails the test.
-			n = 255
-		}
-		s.testStatus = &n
-	}
-	s.lastStatus = describeNotify(m)
-	s.mu.Unlock()
-	select {
-	case s.changed <- struct{}{}:
-	default:
-	}
-}
-
-// rebooting reports whether a shutdown of this kind boots the guest again.
-func rebooting(shutdown string) bool {
-	switch shutdown {
-	case "reboot", "kexec", "soft-reboot":
-		return true
-	}
-	return false
-}
-
-func describeNotify(m NotifyMessage) string {
-	for _, k := range []string{"EXIT_STATUS", "X_SYSTEMD_SHUTDOWN", "X_SYSTEMD_UNIT_ACTIVE", "STATUS", "READY"} {
-		if v, ok := m[k]; ok {
-			return k + "=" + v
-		}
-	}
-	return "message"
-}
-
 // serveNotify accepts notify connections until the listener is closed or
-// ctx ends, applying each complete message to state. It returns when every
-// connection handler has finished.
-func serveNotify(ctx context.Context, l net.Listener, state *NotifyState, logf func(string, ...any)) {
+// ctx ends, sending each message to msgs. It closes the listener and
+// returns when every connection handler has finished.
+func serveNotify(ctx context.Context, l net.Listener, msgs chan<- verdict.Notify, logf func(string, ...any)) {
 	var wg sync.WaitGroup
 	defer wg.Wait()
+	defer l.Close()
 	stop := context.AfterFunc(ctx, func() { l.Close() })
 	defer stop()
 	for {
@@ -173,15 +64,21 @@ func serveNotify(ctx context.Context, l net.Listener, state *NotifyState, logf f
 			defer conn.Close()
 			conn.SetReadDeadline(time.Now().Add(notifyReadTimeout))
 			data, err := io.ReadAll(io.LimitReader(bufio.NewReader(conn), maxNotifyMessage+1))
-			if err != nil {
-				logf("notify: reading message: %v", err)
-				return
-			}
 			if len(data) > maxNotifyMessage {
 				logf("notify: dropping a message over %d bytes", maxNotifyMessage)
 				return
 			}
-			state.apply(parseNotify(data))
+			if err != nil {
+				logf("notify: reading message: %v (keeping its complete lines)", err)
+			}
+			m := parseNotify(data, err == nil)
+			if len(m) == 0 {
+				return
+			}
+			select {
+			case msgs <- m:
+			case <-ctx.Done():
+			}
 		}()
 	}
 }

@@ -7,6 +7,8 @@ import (
 	"path/filepath"
 	"strings"
 	"unicode/utf8"
+
+	"github.com/vmharness/vmharness/harness/verdict"
 )
 
 // maxUnitFileSize bounds a test unit file; it travels as a credential.
@@ -106,85 +108,12 @@ func validateUnitText(text []byte) error {
 	return fmt.Errorf("no [Service] section")
 }
 
-// The exit statuses PID 1 reports through EXIT_STATUS. The test unit's
-// success action carries a distinctive status so a VM that merely powers off
-// (exit status 0 or none) is never mistaken for a pass.
-const (
-	GuestStatusPass = 123
-	GuestStatusSkip = 77
-)
-
-// EmergencyExitUnit is the unit that ends the VM at once when the guest
-// falls into emergency or rescue mode, instead of waiting for the timeout.
-const EmergencyExitUnit = "vmharness-emergency-exit.service"
-
-// EmergencyExitStatus is the status the emergency-exit unit reports; it is
-// outside the range a test script normally exits with.
-const EmergencyExitStatus = 124
-
-// Notify fields the keep-on-failure drop-in sends from the guest when the
-// test unit failed, instead of letting its FailureAction end the VM.
-const (
-	notifyTestResult = "X_VMHARNESS_TEST_RESULT"
-	notifyTestStatus = "X_VMHARNESS_TEST_EXIT_STATUS"
-)
-
-// testUnitCredentials returns the credentials that install the test unit,
-// its exit drop-in and the emergency-exit unit in the guest. With
-// keepOnFailure the unit's failure does not end the VM: an ExecStopPost
-// reports it over the notify socket (notifyAddr) and the VM stays up for
-// inspection.
-func testUnitCredentials(u TestUnit, keepOnFailure bool, notifyAddr string) []Credential {
-	// With systemd.unit=TEST.service nothing pulls in basic.target (a
-	// service is only ordered after it), so sockets.target and with it
-	// systemd-ssh-generator's sshd-vsock.socket would never start.
-	dropin := fmt.Sprintf(`[Unit]
-Wants=basic.target
-SuccessAction=exit
-SuccessActionExitStatus=%d
-FailureAction=exit
-
-[Service]
-StandardOutput=journal+console
-StandardError=journal+console
-# A test's log must not be thinned out by journald's rate limit (10000
-# messages per 30s by default). 0 would mean "journald's default" here, so
-# the limit is set out of reach instead.
-LogRateLimitIntervalSec=1s
-LogRateLimitBurst=1000000000
-# journald may still be working through the unit's output when it exits
-# (under TCG it forwards a few hundred lines a second); the success or
-# failure action would power the VM off and lose the rest. --sync returns
-# once journald has processed (and so forwarded) everything queued.
-ExecStopPost=-+/usr/bin/journalctl --sync
-# ExecStopPost= counts against TimeoutStopSec= (90s by default), and
-# journald may need longer than that for a chatty test under TCG; the
-# harness's own --timeout bounds the whole run instead.
-TimeoutStopSec=infinity
-`, GuestStatusPass)
-	if keepOnFailure {
-		dropin = strings.Replace(dropin, "FailureAction=exit\n", "FailureAction=none\n", 1)
-		// $SERVICE_RESULT and $EXIT_STATUS are set for ExecStopPost;
-		// systemd-notify speaks vsock-stream addresses since systemd 256.
-		dropin += fmt.Sprintf(`ExecStopPost=/bin/sh -c 'test "$SERVICE_RESULT" = success || NOTIFY_SOCKET=%s exec systemd-notify %s="$SERVICE_RESULT" %s="$EXIT_STATUS"'
-`, notifyAddr, notifyTestResult, notifyTestStatus)
+// testUnitCredentials returns the credentials that install the test unit
+// and the result protocol (verdict.GuestSetup) in the guest.
+func testUnitCredentials(u TestUnit, g verdict.GuestSetup) []Credential {
+	creds := []Credential{{Name: "systemd.extra-unit." + u.Name, Value: u.Text}}
+	for _, f := range g.Files() {
+		creds = append(creds, Credential{Name: f.Credential, Value: []byte(f.Text)})
 	}
-	emergency := fmt.Sprintf(`[Unit]
-Description=End the test VM when it falls into emergency mode
-DefaultDependencies=no
-FailureAction=exit
-FailureActionExitStatus=%d
-
-[Service]
-Type=oneshot
-ExecStart=/bin/false
-`, EmergencyExitStatus)
-	wantsEmergencyExit := "[Unit]\nWants=" + EmergencyExitUnit + "\n"
-	return []Credential{
-		{Name: "systemd.extra-unit." + u.Name, Value: u.Text},
-		{Name: "systemd.unit-dropin." + u.Name, Value: []byte(dropin)},
-		{Name: "systemd.extra-unit." + EmergencyExitUnit, Value: []byte(emergency)},
-		{Name: "systemd.unit-dropin.emergency.target", Value: []byte(wantsEmergencyExit)},
-		{Name: "systemd.unit-dropin.rescue.target", Value: []byte(wantsEmergencyExit)},
-	}
+	return creds
 }

@@ -55,6 +55,24 @@ type Summary struct {
 	SynthesizedTimestamps int64
 	// DroppedBootIDs counts malformed or repeated _BOOT_ID fields dropped.
 	DroppedBootIDs int64
+
+	// UnitResult is TestUnit's result as PID 1 logged it in the last boot.
+	UnitResult UnitResult
+}
+
+// UnitResult is a unit's result from PID 1's structured log messages:
+// "Main process exited, code=..., status=..." (EXIT_CODE, EXIT_STATUS)
+// and "Deactivated successfully" or "Failed with result '...'"
+// (UNIT_RESULT).
+type UnitResult struct {
+	// Found is set when the boot holds any of those messages.
+	Found bool
+	// Result is "success" or the UNIT_RESULT of a failure; "" when the
+	// journal ends before the unit's final message.
+	Result string
+	// ExitCode and ExitStatus are of the unit's last ExecStart= process:
+	// "exited" and its status, or "killed"/"dumped" and the signal number.
+	ExitCode, ExitStatus string
 }
 
 // UnitLinesShown is how many of UnitLines are log lines (not boot markers).
@@ -166,6 +184,13 @@ var problemMessageIDs = map[string]bool{
 	"fc2e22bc6ee647b6b90729ab34a250b1": true, // core dump
 }
 
+// PID 1's messages about a unit's result (sd-messages.h).
+const (
+	unitProcessExitMessageID   = "98e322203f7a4ed290d09fe03c09fe15"
+	unitSuccessMessageID       = "7ad2d189f7e94e70a38c781354912448"
+	unitFailureResultMessageID = "d9b373ed55a64feb8242e02dbe79a49c"
+)
+
 // coredumpMessageID is also how `journalctl -u` finds a unit's core dumps.
 const coredumpMessageID = "fc2e22bc6ee647b6b90729ab34a250b1"
 
@@ -209,10 +234,13 @@ type summarizer struct {
 	filled   int
 	problems map[string]int // line without time -> index in sum.Problems
 	scratch  []byte
+	// unitResults holds the unit's result per canonical boot ID (at most
+	// maxBoots); the last boot's is the one that counts.
+	unitResults map[string]*UnitResult
 }
 
 func newSummarizer(unit string, lines int) *summarizer {
-	return &summarizer{unit: unit, ring: make([]unitLine, lines), problems: make(map[string]int)}
+	return &summarizer{unit: unit, ring: make([]unitLine, lines), problems: make(map[string]int), unitResults: make(map[string]*UnitResult)}
 }
 
 func (s *summarizer) connection() int {
@@ -251,7 +279,8 @@ func (l *unitLine) format() string {
 type fieldsOfInterest struct {
 	systemdUnit, unit, objectUnit, coredumpUnit, pid, uid, messageID,
 	message, transport, identifier, comm, syslogPID []byte
-	haveMessage bool
+	exitCode, exitStatus, command, unitResult []byte
+	haveMessage                               bool
 }
 
 func (s *summarizer) observe(e *Entry, info entryInfo) {
@@ -283,6 +312,14 @@ func (s *summarizer) observe(e *Entry, info entryInfo) {
 			f.comm = value
 		case "SYSLOG_PID":
 			f.syslogPID = value
+		case "EXIT_CODE":
+			f.exitCode = value
+		case "EXIT_STATUS":
+			f.exitStatus = value
+		case "COMMAND":
+			f.command = value
+		case "UNIT_RESULT":
+			f.unitResult = value
 		}
 	}
 
@@ -304,6 +341,9 @@ func (s *summarizer) observe(e *Entry, info entryInfo) {
 	if !f.haveMessage {
 		return
 	}
+	if s.unit != "" && string(f.pid) == "1" && string(f.unit) == s.unit {
+		s.noteUnitResult(&f)
+	}
 	if s.unit != "" && s.aboutUnit(&f) {
 		s.sum.UnitLinesTotal++
 		s.ring[s.next].set(&f, info.realtime)
@@ -323,6 +363,44 @@ func (s *summarizer) observe(e *Entry, info entryInfo) {
 			// Not remembered: a hostile guest could send endless
 			// distinct lines.
 			s.sum.ProblemsOmitted++
+		}
+	}
+}
+
+// noteUnitResult records what PID 1 says about the test unit's result in
+// the current boot.
+func (s *summarizer) noteUnitResult(f *fieldsOfInterest) {
+	var r UnitResult
+	switch string(f.messageID) {
+	case unitProcessExitMessageID:
+		if string(f.command) != "ExecStart" {
+			return // ExecStartPre=, ExecStopPost=, ... are not the test
+		}
+		r.ExitCode, r.ExitStatus = string(clip(f.exitCode, 16)), string(clip(f.exitStatus, 16))
+	case unitSuccessMessageID:
+		r.Result = "success"
+	case unitFailureResultMessageID:
+		r.Result = string(clip(f.unitResult, 32))
+	default:
+		return
+	}
+	cur := s.unitResults[s.lastBoot]
+	if cur == nil {
+		if len(s.unitResults) >= maxBoots {
+			return
+		}
+		cur = &UnitResult{}
+		s.unitResults[s.lastBoot] = cur
+	}
+	cur.Found = true
+	if r.Result != "" {
+		cur.Result = r.Result
+	}
+	if r.ExitCode != "" {
+		cur.ExitCode, cur.ExitStatus = r.ExitCode, r.ExitStatus
+		// A new process exit starts a new run of the unit in this boot.
+		if r.Result == "" {
+			cur.Result = ""
 		}
 	}
 }
@@ -484,6 +562,11 @@ func (s *summarizer) snapshot() Summary {
 	out.Boots = append([]string(nil), s.sum.Boots...)
 	out.Problems = append([]Problem(nil), s.sum.Problems...)
 	out.StreamErrors = append([]string(nil), s.sum.StreamErrors...)
+	if n := len(s.sum.Boots); n > 0 {
+		if r := s.unitResults[s.sum.Boots[n-1]]; r != nil {
+			out.UnitResult = *r
+		}
+	}
 	out.UnitLines = make([]string, 0, s.filled)
 	prevBoot := ""
 	for i := range s.filled {

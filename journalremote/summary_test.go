@@ -178,3 +178,41 @@ func TestSummaryBootMarkers(t *testing.T) {
 	assert.Equal(t, []string{"foo: a1", "foo: a2"}, stripTime(sum.UnitLines[1:3]))
 	assert.Equal(t, int64(3), sum.UnitLinesShown())
 }
+
+func TestSummaryUnitResult(t *testing.T) {
+	pid1 := func(boot string, fields ...string) []string {
+		return append([]string{"_BOOT_ID=" + boot, "_PID=1", "UNIT=foo.service", "MESSAGE=m"}, fields...)
+	}
+	exited := func(boot, code, status, command string) []string {
+		return pid1(boot, "MESSAGE_ID="+unitProcessExitMessageID, "EXIT_CODE="+code, "EXIT_STATUS="+status, "COMMAND="+command)
+	}
+	failed := func(boot, result string) []string {
+		return pid1(boot, "MESSAGE_ID="+unitFailureResultMessageID, "UNIT_RESULT="+result)
+	}
+	succeeded := func(boot string) []string { return pid1(boot, "MESSAGE_ID="+unitSuccessMessageID) }
+	tests := []struct {
+		name    string
+		entries [][]string
+		want    UnitResult
+	}{
+		{"nothing about the unit", [][]string{{"_BOOT_ID=" + bootA, "_PID=1", "UNIT=bar.service", "MESSAGE_ID=" + unitSuccessMessageID, "MESSAGE=m"}}, UnitResult{}},
+		{"success", [][]string{succeeded(bootA)}, UnitResult{Found: true, Result: "success"}},
+		{"failed with a status", [][]string{exited(bootA, "exited", "123", "ExecStart"), failed(bootA, "exit-code")},
+			UnitResult{Found: true, Result: "exit-code", ExitCode: "exited", ExitStatus: "123"}},
+		{"killed, journal ends before the result line", [][]string{exited(bootA, "killed", "9", "ExecStart")},
+			UnitResult{Found: true, ExitCode: "killed", ExitStatus: "9"}},
+		{"ExecStopPost= is not the test's process", [][]string{exited(bootA, "exited", "1", "ExecStopPost"), succeeded(bootA)},
+			UnitResult{Found: true, Result: "success"}},
+		{"only PID 1 speaks for the unit", [][]string{{"_BOOT_ID=" + bootA, "_PID=7", "UNIT=foo.service", "MESSAGE_ID=" + unitSuccessMessageID, "MESSAGE=m"}}, UnitResult{}},
+		{"the last boot counts", [][]string{succeeded(bootA), exited(bootB, "exited", "2", "ExecStart"), failed(bootB, "exit-code")},
+			UnitResult{Found: true, Result: "exit-code", ExitCode: "exited", ExitStatus: "2"}},
+		{"a last boot without a result has none", [][]string{succeeded(bootA), {"_BOOT_ID=" + bootB, "_PID=1", "MESSAGE=booting"}}, UnitResult{}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			s := newSummarizer("foo.service", 3)
+			feed(s, tt.entries...)
+			assert.Equal(t, tt.want, s.snapshot().UnitResult)
+		})
+	}
+}

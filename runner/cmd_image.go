@@ -97,7 +97,7 @@ func imagePrune(getenv func(string) string, cacheDir, recipePath string, all boo
 	}
 	var keep []string
 	if !all {
-		recipe, err := flagRecipe(getenv, recipePath)
+		recipe, err := runRecipe(getenv, recipePath)
 		if err != nil {
 			return nil, err
 		}
@@ -108,14 +108,6 @@ func imagePrune(getenv func(string) string, cacheDir, recipePath string, all boo
 		keep = append(keep, dir)
 	}
 	return images.Prune(cacheDir, keep)
-}
-
-// flagRecipe is the --recipe file, or the recipe runs boot when it is empty.
-func flagRecipe(getenv func(string) string, recipePath string) (*images.Recipe, error) {
-	if recipePath != "" {
-		return images.LoadRecipe(recipePath)
-	}
-	return runRecipe(getenv)
 }
 
 // cacheDirFlag is the --cache-dir value made absolute, or the default
@@ -130,7 +122,7 @@ func cacheDirFlag(getenv func(string) string, flagValue string) (string, error) 
 func mib(bytes int64) string { return fmt.Sprintf("%.0f MiB", float64(bytes)/(1<<20)) }
 
 func imageBuild(ctx context.Context, getenv func(string) string, progress io.Writer, recipePath, cacheDir string) (string, error) {
-	recipe, err := flagRecipe(getenv, recipePath)
+	recipe, err := runRecipe(getenv, recipePath)
 	if err != nil {
 		return "", err
 	}

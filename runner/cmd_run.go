@@ -6,6 +6,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"regexp"
 	"strings"
 	"time"
 
@@ -27,7 +28,14 @@ type runOptions struct {
 	interactive bool
 	memoryMiB   int
 	cpus        int
-	unitPath    string
+	// recipe is the image recipe file (--recipe), buildDir the Meson
+	// build directory installed into the guest (--build-dir).
+	recipe   string
+	buildDir string
+	// expectFailure is --expect-failure: the run passes only if the test
+	// fails with a reason this matches.
+	expectFailure *regexp.Regexp
+	unitPath      string
 }
 
 // stringList is a repeatable string flag.
@@ -53,6 +61,9 @@ func parseRunFlags(env *cliEnv, args []string) (*runOptions, error) {
 	fs.BoolVar(&o.interactive, "shell", env.getenv("VMHARNESS_SHELL") == "1", "boot without starting the test unit and open a shell in the VM (env VMHARNESS_SHELL=1)")
 	fs.IntVar(&o.memoryMiB, "memory", 1024, "guest memory in MiB")
 	fs.IntVar(&o.cpus, "cpus", 2, "guest CPUs")
+	fs.StringVar(&o.recipe, "recipe", "", "image recipe file (default: $VMHARNESS_RECIPE, else the built-in default image)")
+	fs.StringVar(&o.buildDir, "build-dir", env.getenv("VMHARNESS_BUILD_DIR"), "Meson build directory to install into the guest's root before it boots (env VMHARNESS_BUILD_DIR)")
+	expectFailure := fs.String("expect-failure", "", "the test is expected to fail with a reason matching this regular expression: exit 0 if it does, 1 otherwise")
 	if keepVM != "" {
 		d, err := parseKeepDuration(keepVM)
 		if err != nil {
@@ -67,6 +78,13 @@ func parseRunFlags(env *cliEnv, args []string) (*runOptions, error) {
 		return nil, errors.New("usage: vmharness run [flags] UNIT_FILE (exactly one unit file)")
 	}
 	o.unitPath = fs.Arg(0)
+	if *expectFailure != "" {
+		re, err := regexp.Compile(*expectFailure)
+		if err != nil {
+			return nil, fmt.Errorf("--expect-failure: %w", err)
+		}
+		o.expectFailure = re
+	}
 	if o.memoryMiB < 256 || o.cpus < 1 {
 		return nil, errors.New("--memory must be at least 256 and --cpus at least 1")
 	}

@@ -11,8 +11,8 @@ import (
 // run's recipe's cached image), building it on a cache miss. Build
 // progress goes to stderr, which Meson keeps in the test log. The image
 // is held against `vmharness image prune` until release is called.
-func ensureImage(ctx context.Context, env *cliEnv) (img harness.BootImage, release func(), err error) {
-	recipe, err := runRecipe(env.getenv)
+func ensureImage(ctx context.Context, env *cliEnv, recipePath string) (img harness.BootImage, release func(), err error) {
+	recipe, err := runRecipe(env.getenv, recipePath)
 	if err != nil {
 		return harness.BootImage{}, nil, err
 	}
@@ -28,8 +28,12 @@ func ensureImage(ctx context.Context, env *cliEnv) (img harness.BootImage, relea
 	}, release, nil
 }
 
-// runRecipe is the recipe runs boot: $VMHARNESS_RECIPE, else the built-in one.
-func runRecipe(getenv func(string) string) (*images.Recipe, error) {
+// runRecipe is the recipe runs boot: path (--recipe), else
+// $VMHARNESS_RECIPE, else the built-in one.
+func runRecipe(getenv func(string) string, path string) (*images.Recipe, error) {
+	if path != "" {
+		return images.LoadRecipe(path)
+	}
 	if p := getenv("VMHARNESS_RECIPE"); p != "" {
 		return images.LoadRecipe(p)
 	}

@@ -7,6 +7,7 @@ import (
 	"net"
 
 	"github.com/vmharness/vmharness/harness"
+	"github.com/vmharness/vmharness/harness/verdict"
 	"github.com/vmharness/vmharness/journalremote"
 )
 
@@ -66,6 +67,13 @@ func (j *journalRun) abort() {
 }
 
 func (j *journalRun) remove() { j.collector.Remove() }
+
+// unitResult is the test unit's result as its journal recorded it; call
+// it after finish.
+func (j *journalRun) unitResult() verdict.JournalUnitResult {
+	r := j.collector.Summary().UnitResult
+	return verdict.JournalUnitResult{Found: r.Found, Result: verdict.UnitResult{Result: r.Result, ExitCode: r.ExitCode, ExitStatus: r.ExitStatus}}
+}
 
 func (j *journalRun) summary(w io.Writer) {
 	journalremote.WriteSummary(w, j.collector.Summary())

@@ -75,11 +75,20 @@ func (r *testRun) run(ctx context.Context) int {
 	if err != nil {
 		return r.fail("%v", err)
 	}
-	img, releaseImage, err := ensureImage(ctx, r.env)
+	img, releaseImage, err := ensureImage(ctx, r.env, opts.recipe)
 	if err != nil {
 		return r.fail("%v", err)
 	}
 	defer releaseImage()
+	var layer string
+	if opts.buildDir != "" {
+		path, releaseLayer, err := prepareBuildLayer(ctx, r.env, opts.buildDir, r.logf)
+		if err != nil {
+			return r.fail("%v", err)
+		}
+		defer releaseLayer()
+		layer = path
+	}
 
 	stateDir, err := sshkey.StateDir(getenv)
 	if err != nil {
@@ -123,10 +132,6 @@ func (r *testRun) run(ctx context.Context) int {
 	}
 	r.defer_(func() { transport.Close() })
 
-	notifyL, notifyPort, err := vsock.ListenFree(transport)
-	if err != nil {
-		return r.fail("listening for the guest's notifications: %v", err)
-	}
 	journalL, journalPort, err := vsock.ListenFree(transport)
 	if err != nil {
 		return r.fail("listening for the guest's journal: %v", err)
@@ -159,7 +164,6 @@ func (r *testRun) run(ctx context.Context) int {
 	}
 
 	creds = append(creds,
-		harness.Credential{Name: "vmm.notify_socket", Value: []byte(fmt.Sprintf("vsock-stream:%d:%d", vsock.HostCID, notifyPort))},
 		harness.Credential{Name: "journal.forward_to_socket", Value: []byte(fmt.Sprintf("vsock-stream:%d:%d", vsock.HostCID, journalPort))},
 		harness.Credential{Name: "journal.storage", Value: []byte("volatile")},
 		harness.Credential{Name: "ssh.authorized_keys.root", Value: []byte(pubKey + "\n")},
@@ -167,14 +171,14 @@ func (r *testRun) run(ctx context.Context) int {
 	// The VM runs until the test ends; in shell mode until the shell does.
 	runCtx, cancelRun := context.WithCancelCause(ctx)
 	defer cancelRun(nil)
-	var shellDone chan int
+	var shellDone chan error
 	var onReady func()
 	if opts.interactive {
-		shellDone = make(chan int, 1)
+		shellDone = make(chan error, 1)
 		onReady = func() {
 			go func() {
 				shellDone <- r.shell(name)
-				cancelRun(errShellExited)
+				cancelRun(harness.ErrShellExited)
 			}()
 		}
 		r.logf("%s: shell mode: the test unit is installed but not started; the shell opens when the guest has booted", name)
@@ -190,27 +194,26 @@ func (r *testRun) run(ctx context.Context) int {
 		bootTimeout = 45 * time.Second * accel.TimeoutScale()
 	}
 	m, err := harness.NewMachine(ctx, harness.Config{
-		Name:           name,
-		QEMU:           getenv("VMHARNESS_QEMU"),
-		Image:          img,
-		Unit:           unit,
-		Credentials:    creds,
-		KernelArgs:     opts.kernelArgs,
-		QEMUArgs:       opts.qemuArgs,
-		MemoryMiB:      opts.memoryMiB,
-		CPUs:           opts.cpus,
-		Accel:          accel,
-		WorkDir:        workDir,
-		ConsoleLog:     consoleLog,
-		Transport:      transport,
-		NotifyListener: notifyL,
-		NotifyPort:     notifyPort,
-		Timeout:        opts.timeout,
-		BootTimeout:    bootTimeout,
-		SkipTestUnit:   opts.interactive,
-		OnReady:        onReady,
-		KeepOnFailure:  keepOnFailure,
-		Logf:           r.logf,
+		Name:          name,
+		QEMU:          getenv("VMHARNESS_QEMU"),
+		Image:         img,
+		Unit:          unit,
+		Credentials:   creds,
+		KernelArgs:    opts.kernelArgs,
+		QEMUArgs:      opts.qemuArgs,
+		MemoryMiB:     opts.memoryMiB,
+		CPUs:          opts.cpus,
+		Accel:         accel,
+		WorkDir:       workDir,
+		ConsoleLog:    consoleLog,
+		Transport:     transport,
+		Layer:         layer,
+		Timeout:       opts.timeout,
+		BootTimeout:   bootTimeout,
+		SkipTestUnit:  opts.interactive,
+		OnReady:       onReady,
+		KeepOnFailure: keepOnFailure,
+		Logf:          r.logf,
 	})
 	if err != nil {
 		journal.abort()
@@ -229,46 +232,75 @@ func (r *testRun) run(ctx context.Context) int {
 	// the guest sent is on disk before judging and cleaning up.
 	journalErr := journal.finish()
 
-	outcome := res.Outcome
+	// The journal is complete: its record of the test unit's result is the
+	// verdict's cross-check (and its fallback should the unit's own report
+	// have been lost).
+	outcome := res.Judge(journal.unitResult())
 	if shellDone != nil {
 		select {
-		case code := <-shellDone:
-			return code
+		case err := <-shellDone:
+			if err != nil {
+				outcome = harness.Outcome{ExitCode: harness.ExitHarnessError, Reason: err.Error()}
+				res.Outcome = outcome
+			}
 		default:
 		}
 	}
-	r.report(name, unit, res, journal)
 	if journalErr != nil {
 		r.logf("%s: journal: %v", name, journalErr)
 		if outcome.Passed() && journal.explicit {
 			outcome = harness.Outcome{ExitCode: harness.ExitHarnessError, Reason: journalErr.Error()}
+			res.Outcome = outcome
 		}
 	}
+	r.report(name, unit, res, journal)
 	if !keepJournal.keep(outcome) {
 		journal.remove()
 		os.Remove(consoleLog)
 	}
-	return outcome.ExitCode
+	return r.expect(name, outcome)
 }
 
-// errShellExited ends a shell-mode run once the user's ssh session ends.
-var errShellExited = errors.New("the shell session ended")
+// expect applies --expect-failure: a test declared to fail passes only when
+// it failed for the declared reason, so a should-fail test cannot be
+// satisfied by a harness error or a crash.
+func (r *testRun) expect(name string, o harness.Outcome) int {
+	re := r.opts.expectFailure
+	if re == nil {
+		return o.ExitCode
+	}
+	switch {
+	case o.Failed() && re.MatchString(o.Reason):
+		r.logf("%s: failed as expected (reason matches %q)", name, re)
+		return harness.ExitPass
+	case o.Failed():
+		r.logf("%s: expected a failure matching %q, but it failed with: %s", name, re, o.Reason)
+		return harness.ExitFail
+	case o.ExitCode == harness.ExitHarnessError:
+		return o.ExitCode
+	}
+	r.logf("%s: expected a failure matching %q, but the test did not fail (exit %d)", name, re, o.ExitCode)
+	return harness.ExitFail
+}
 
-// shell runs an interactive ssh session into the VM and returns its exit
-// code. It runs while the VM is up, with the user's terminal.
-func (r *testRun) shell(name string) int {
+// shell runs an interactive ssh session into the VM while the VM is up,
+// with the user's terminal. The session's own exit status is the user's
+// business, not the test's: only a shell that could not run is an error.
+func (r *testRun) shell(name string) error {
 	argv, err := sshArgv(r.env, []string{name})
 	if err != nil {
-		r.logf("shell: %v", err)
-		return exitHarnessError
+		return fmt.Errorf("shell: %w", err)
 	}
 	cmd := exec.Command(argv[0], argv[1:]...)
 	cmd.Stdin, cmd.Stdout, cmd.Stderr = r.env.stdin, r.env.stdout, r.env.stderr
 	if err := cmd.Run(); err != nil && cmd.ProcessState == nil {
-		r.logf("shell: %v", err)
-		return exitHarnessError
+		return fmt.Errorf("shell: %w", err)
 	}
-	return cmd.ProcessState.ExitCode()
+	if code := cmd.ProcessState.ExitCode(); code == 255 {
+		// ssh's own failure (connection refused, key rejected).
+		return fmt.Errorf("shell: ssh could not connect to the VM (exit status 255)")
+	}
+	return nil
 }
 
 // keep hands a failed test's result to the foreground process and keeps the

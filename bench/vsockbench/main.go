@@ -137,10 +137,6 @@ func run(ctx context.Context, o options, out io.Writer) (int, error) {
 	}
 	defer transport.Close()
 
-	notifyL, notifyPort, err := vsock.ListenFree(transport)
-	if err != nil {
-		return 1, fmt.Errorf("listening for the guest's notifications: %w", err)
-	}
 	journalL, journalPort, err := vsock.ListenFree(transport)
 	if err != nil {
 		return 1, fmt.Errorf("listening for the guest's journal: %w", err)
@@ -216,27 +212,24 @@ func run(ctx context.Context, o options, out io.Writer) (int, error) {
 	script := guestScript(guestParams{Bytes: b.size, BlockSize: o.blockSize, Lines: o.lines, ConsoleLines: o.conLines, LineLen: o.lineLen, Repeat: o.repeat, SenderBuffer: o.sockBuf, Streams: o.streams})
 	creds := []harness.Credential{
 		{Name: scriptCredName, Value: []byte(script)},
-		{Name: "vmm.notify_socket", Value: []byte(fmt.Sprintf("vsock-stream:%d:%d", vsock.HostCID, notifyPort))},
 		{Name: "journal.storage", Value: []byte("volatile")},
 	}
 	if o.forward {
 		creds = append(creds, harness.Credential{Name: "journal.forward_to_socket", Value: []byte(fmt.Sprintf("vsock-stream:%d:%d", vsock.HostCID, journalPort))})
 	}
 	m, err := harness.NewMachine(ctx, harness.Config{
-		Name:           "vsockbench",
-		Image:          harness.BootImage{Kernel: img.Kernel, Initrd: img.Initrd, Rootfs: img.Rootfs, RootfsFormat: img.RootfsFormat},
-		Unit:           harness.TestUnit{Name: unitName, Text: []byte(unitText)},
-		Credentials:    creds,
-		Accel:          accel,
-		CPUModel:       o.cpuModel,
-		WorkDir:        workDir,
-		ConsoleLog:     filepath.Join(outDir, "vsockbench.console.log"),
-		Transport:      transport,
-		NotifyListener: notifyL,
-		NotifyPort:     notifyPort,
-		Timeout:        o.timeout,
-		BootTimeout:    45 * time.Second * accel.TimeoutScale(),
-		Logf:           logf,
+		Name:        "vsockbench",
+		Image:       harness.BootImage{Kernel: img.Kernel, Initrd: img.Initrd, Rootfs: img.Rootfs, RootfsFormat: img.RootfsFormat},
+		Unit:        harness.TestUnit{Name: unitName, Text: []byte(unitText)},
+		Credentials: creds,
+		Accel:       accel,
+		CPUModel:    o.cpuModel,
+		WorkDir:     workDir,
+		ConsoleLog:  filepath.Join(outDir, "vsockbench.console.log"),
+		Transport:   transport,
+		Timeout:     o.timeout,
+		BootTimeout: 45 * time.Second * accel.TimeoutScale(),
+		Logf:        logf,
 	})
 	if err != nil {
 		collector.Close()

@@ -1,0 +1,147 @@
+package verdict
+
+import "fmt"
+
+// The exit statuses PID 1 reports through EXIT_STATUS. The test unit's
+// success action carries a distinctive status so a VM that merely powers off
+// (exit status 0 or none) is never mistaken for a pass; on its own the
+// status proves nothing (a failing unit's status is forwarded too, and a
+// unit may exit 123), so the unit's own result decides.
+const (
+	GuestStatusPass = 123
+	GuestStatusSkip = 77
+)
+
+// EmergencyExitUnit is the unit that ends the VM at once when the guest
+// falls into emergency or rescue mode, instead of waiting for the timeout.
+const EmergencyExitUnit = "vmharness-emergency-exit.service"
+
+// EmergencyExitStatus is the status the emergency-exit unit reports.
+const EmergencyExitStatus = 124
+
+// ConditionCheckUnit reports a test unit that never ran because one of its
+// Condition*= or Assert*= settings did not hold: systemd fires neither
+// its success nor its failure action then, and the VM would sit idle until
+// the timeout.
+const ConditionCheckUnit = "vmharness-condition-check.service"
+
+// Notify fields the guest-side units send besides PID 1's own.
+const (
+	// FieldTestResult, FieldTestExitCode and FieldTestExitStatus carry the
+	// test unit's $SERVICE_RESULT, $EXIT_CODE and $EXIT_STATUS from its
+	// ExecStopPost=.
+	FieldTestResult     = "X_VMHARNESS_TEST_RESULT"
+	FieldTestExitCode   = "X_VMHARNESS_TEST_EXIT_CODE"
+	FieldTestExitStatus = "X_VMHARNESS_TEST_EXIT_STATUS"
+	// FieldEmergency names the emergency or rescue target the guest fell
+	// into, from the emergency-exit unit.
+	FieldEmergency = "X_VMHARNESS_EMERGENCY"
+)
+
+// GuestFile is one unit or drop-in installed in the guest through a
+// systemd credential.
+type GuestFile struct {
+	Credential string
+	Text       string
+}
+
+// GuestSetup says how the result protocol is installed in the guest.
+type GuestSetup struct {
+	// Unit is the test unit's name, e.g. "boot.service".
+	Unit string
+	// NotifyAddress is the guest's address of the host's notify socket,
+	// e.g. "vsock-stream:2:1234" (vmm.notify_socket).
+	NotifyAddress string
+	// KeepOnFailure replaces the failure action by "none", so a failed
+	// test's VM stays up; its result still reaches the host.
+	KeepOnFailure bool
+}
+
+// Files returns the credentials that install the protocol: the test unit's
+// drop-in, the condition check, and the emergency-exit unit with the
+// drop-ins that pull it in.
+func (g GuestSetup) Files() []GuestFile {
+	failureAction := "exit"
+	if g.KeepOnFailure {
+		failureAction = "none"
+	}
+	// systemd-notify speaks vsock-stream addresses since systemd 256; it
+	// runs through env(1) so the test's own processes never see a
+	// NOTIFY_SOCKET. "${VAR}" is expanded by systemd itself.
+	notify := fmt.Sprintf("/usr/bin/env NOTIFY_SOCKET=%s /usr/bin/systemd-notify --no-block", g.NotifyAddress)
+	// With systemd.unit=TEST.service nothing pulls in basic.target (a
+	// service is only ordered after it), so sockets.target and with it
+	// systemd-ssh-generator's sshd-vsock.socket would never start.
+	dropin := fmt.Sprintf(`[Unit]
+Wants=basic.target %[5]s
+SuccessAction=exit
+SuccessActionExitStatus=%[1]d
+FailureAction=%[2]s
+
+[Service]
+StandardOutput=journal+console
+StandardError=journal+console
+# A test's log must not be thinned out by journald's rate limit (10000
+# messages per 30s by default). 0 would mean "journald's default" here, so
+# the limit is set out of reach instead.
+LogRateLimitIntervalSec=1s
+LogRateLimitBurst=1000000000
+# journald may still be working through the unit's output when it exits
+# (under TCG it forwards a few hundred lines a second); the success or
+# failure action would power the VM off and lose the rest. --sync returns
+# once journald has processed (and so forwarded) everything queued.
+ExecStopPost=-+/usr/bin/journalctl --sync
+# The unit's own result goes to the host: the exit status PID 1 forwards
+# cannot tell a failure with status 123 from the success action.
+ExecStopPost=-+%[3]s %[4]s=${SERVICE_RESULT} %[6]s=${EXIT_CODE} %[7]s=${EXIT_STATUS}
+# ExecStopPost= counts against TimeoutStopSec= (90s by default), and
+# journald may need longer than that for a chatty test under TCG; the
+# harness's own --timeout bounds the whole run instead.
+TimeoutStopSec=infinity
+`, GuestStatusPass, failureAction, notify, FieldTestResult, ConditionCheckUnit, FieldTestExitCode, FieldTestExitStatus)
+
+	// Runs once the test unit's start job is over; it only acts when the
+	// unit never ran. A test that ran has fired its success or failure
+	// action by then, whose shutdown cancels this unit's start.
+	check := fmt.Sprintf(`[Unit]
+Description=Report a vmharness test unit that did not run
+After=%[1]s
+
+[Service]
+Type=oneshot
+FailureAction=exit
+FailureActionExitStatus=%[2]d
+ExecStart=/bin/sh -c '\
+  show() { systemctl show -P "$$1" %[1]s; }; \
+  test "$$(show ConditionTimestampMonotonic)" != 0 || exit 0; \
+  if test "$$(show ConditionResult)" = no; then r=%[3]s; \
+  elif test "$$(show AssertResult)" = no; then r=%[4]s; \
+  else exit 0; fi; \
+  %[5]s %[6]s=$$r; exit 1'
+`, g.Unit, GuestStatusSkip, ResultCondition, ResultAssert, notify, FieldTestResult)
+
+	// PID 1 announces emergency.target over the notify socket too, but
+	// not always before the exit action ends the VM (a test that isolates
+	// emergency.target is stopped and fails first); this unit's own report
+	// says which came first.
+	emergency := fmt.Sprintf(`[Unit]
+Description=End the test VM when it falls into emergency mode
+DefaultDependencies=no
+FailureAction=exit
+FailureActionExitStatus=%[1]d
+
+[Service]
+Type=oneshot
+ExecStart=/bin/sh -c '\
+  t=emergency.target; systemctl -q is-active rescue.target && t=rescue.target; \
+  %[2]s %[3]s=$$t; exit 1'
+`, EmergencyExitStatus, notify, FieldEmergency)
+	wantsEmergencyExit := "[Unit]\nWants=" + EmergencyExitUnit + "\n"
+	return []GuestFile{
+		{Credential: "systemd.unit-dropin." + g.Unit, Text: dropin},
+		{Credential: "systemd.extra-unit." + ConditionCheckUnit, Text: check},
+		{Credential: "systemd.extra-unit." + EmergencyExitUnit, Text: emergency},
+		{Credential: "systemd.unit-dropin.emergency.target", Text: wantsEmergencyExit},
+		{Credential: "systemd.unit-dropin.rescue.target", Text: wantsEmergencyExit},
+	}
+}

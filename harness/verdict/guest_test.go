@@ -1,0 +1,45 @@
+package verdict
+
+import (
+	"testing"
+
+	"github.com/stretchr/testify/assert"
+)
+
+func TestGuestSetupFiles(t *testing.T) {
+	byName := func(files []GuestFile) map[string]string {
+		m := map[string]string{}
+		for _, f := range files {
+			m[f.Credential] = f.Text
+		}
+		return m
+	}
+	plain := byName(GuestSetup{Unit: "t.service", NotifyAddress: "vsock-stream:2:9"}.Files())
+	dropin := plain["systemd.unit-dropin.t.service"]
+	assert.Contains(t, dropin, "SuccessAction=exit\nSuccessActionExitStatus=123\nFailureAction=exit\n")
+	assert.Contains(t, dropin, "Wants=basic.target "+ConditionCheckUnit+"\n")
+	assert.Contains(t, dropin, "StandardOutput=journal+console")
+	assert.Contains(t, dropin, "LogRateLimitBurst=1000000000")
+	assert.Contains(t, dropin, "TimeoutStopSec=infinity")
+	// The journal is synced before the result is reported, and both before
+	// the success or failure action powers the VM off.
+	assert.Regexp(t, `(?s)ExecStopPost=-\+/usr/bin/journalctl --sync\n.*ExecStopPost=-\+/usr/bin/env NOTIFY_SOCKET=vsock-stream:2:9 /usr/bin/systemd-notify --no-block `+
+		`X_VMHARNESS_TEST_RESULT=\$\{SERVICE_RESULT\} X_VMHARNESS_TEST_EXIT_CODE=\$\{EXIT_CODE\} X_VMHARNESS_TEST_EXIT_STATUS=\$\{EXIT_STATUS\}\n`, dropin)
+	assert.NotContains(t, dropin, "Environment=", "the test's own processes must not see the host's notify socket")
+
+	check := plain["systemd.extra-unit."+ConditionCheckUnit]
+	assert.Contains(t, check, "After=t.service\n")
+	assert.Contains(t, check, "FailureActionExitStatus=77\n")
+	assert.Contains(t, check, "systemctl show -P \"$$1\" t.service")
+	assert.Contains(t, check, "X_VMHARNESS_TEST_RESULT=$$r")
+
+	assert.Contains(t, plain["systemd.extra-unit."+EmergencyExitUnit], "FailureActionExitStatus=124")
+	assert.Contains(t, plain["systemd.extra-unit."+EmergencyExitUnit], "X_VMHARNESS_EMERGENCY=$$t; exit 1")
+	assert.Contains(t, plain["systemd.unit-dropin.emergency.target"], "Wants="+EmergencyExitUnit)
+	assert.Contains(t, plain["systemd.unit-dropin.rescue.target"], "Wants="+EmergencyExitUnit)
+
+	kept := byName(GuestSetup{Unit: "t.service", NotifyAddress: "vsock-stream:2:9", KeepOnFailure: true}.Files())["systemd.unit-dropin.t.service"]
+	assert.Contains(t, kept, "FailureAction=none\n")
+	assert.NotContains(t, kept, "FailureAction=exit")
+	assert.Contains(t, kept, "X_VMHARNESS_TEST_RESULT=${SERVICE_RESULT}")
+}
