@@ -8,6 +8,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -514,8 +515,10 @@ func TestReserveCIDAcrossProcesses(t *testing.T) {
 	r := openTemp(t)
 	// Another process holds CID 3.
 	holder := exec.Command(flock, filepath.Join(r.Dir(), "cid-3.lock"), "sleep", "600")
+	// flock(1) runs sleep as its child: kill both through their group.
+	holder.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
 	require.NoError(t, holder.Start())
-	t.Cleanup(func() { holder.Process.Kill(); holder.Wait() })
+	t.Cleanup(func() { syscall.Kill(-holder.Process.Pid, syscall.SIGKILL); holder.Wait() })
 	require.Eventually(t, func() bool {
 		c, release, err := r.ReserveCID()
 		if err != nil {
