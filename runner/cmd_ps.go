@@ -62,21 +62,28 @@ func writePs(env *cliEnv, vms []registry.Entry, now time.Time) {
 		if e.QEMUPID > 0 {
 			pid = fmt.Sprint(e.QEMUPID)
 		}
-		state := "running"
-		if e.QEMUPID == 0 {
-			state = "starting"
-		}
-		if e.Kept() {
-			state = "kept until " + e.KeptUntil.Local().Format("15:04")
-		}
 		journal := e.JournalPath
 		if journal == "" {
 			journal = "-"
 		}
 		fmt.Fprintf(tw, "%s\t%d\t%s\t%s\t%s\t%s\t%s\n", e.Name, e.CID, e.Transport, pid,
-			now.Sub(e.StartTime).Round(time.Second), state, journal)
+			now.Sub(e.StartTime).Round(time.Second), vmState(e), journal)
 	}
 	tw.Flush()
+}
+
+// vmState is the STATE column of a live VM.
+func vmState(e registry.Entry) string {
+	switch {
+	case e.QEMUPID == 0:
+		return "starting"
+	case !e.QEMUAlive():
+		// QEMU has exited; its runner still cleans up and holds the name.
+		return "stopping"
+	case e.Kept():
+		return "kept until " + e.KeptUntil.Local().Format("15:04")
+	}
+	return "running"
 }
 
 // openRegistry opens the VM registry in the runtime dir the environment

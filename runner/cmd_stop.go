@@ -89,13 +89,14 @@ func stopVM(ctx context.Context, env *cliEnv, reg *registry.Registry, name strin
 		}
 	}
 	if e.WorkDir != "" {
-		if err := registry.RemoveWorkDir(e); err != nil {
+		if err := reg.RemoveWorkDir(e); err != nil {
 			fmt.Fprintf(env.stderr, "vmharness stop: %s: %v\n", name, err)
 			return exitHarnessError
 		}
 		fmt.Fprintf(env.stdout, "%s: removed %s\n", name, e.WorkDir)
 	}
-	if err := reg.Remove(name); err != nil {
+	// Only this entry: a new run may have taken the name since QEMU died.
+	if err := reg.Remove(e); err != nil {
 		fmt.Fprintf(env.stderr, "vmharness stop: %s: %v\n", name, err)
 		return exitHarnessError
 	}

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -102,6 +103,73 @@ func TestPs(t *testing.T) {
 	assert.Equal(t, exitHarnessError, cmdPs(context.Background(), v.env, []string{"extra"}))
 }
 
+func TestVMState(t *testing.T) {
+	qemu := fakeQEMU(t).Process.Pid
+	kept := time.Date(2030, 1, 2, 15, 4, 0, 0, time.Local)
+	tests := []struct {
+		name  string
+		entry registry.Entry
+		want  string
+	}{
+		{"QEMU not started yet", registry.Entry{}, "starting"},
+		{"QEMU runs", registry.Entry{QEMUPID: qemu}, "running"},
+		{"QEMU exited, runner cleans up", registry.Entry{QEMUPID: reapedPID(t)}, "stopping"},
+		{"kept", registry.Entry{QEMUPID: qemu, KeptUntil: kept}, "kept until 15:04"},
+		{"kept VM's QEMU exited", registry.Entry{QEMUPID: reapedPID(t), KeptUntil: kept}, "stopping"},
+	}
+	for i, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			// Registered by this test process, the entry's live runner.
+			reg := newVMsEnv(t).registry(t)
+			e := tt.entry
+			e.Name = fmt.Sprintf("vm%d", i)
+			g, err := reg.Register(e)
+			require.NoError(t, err)
+			assert.Equal(t, tt.want, vmState(g.Entry()))
+		})
+	}
+}
+
+// A runner killed with SIGKILL (QEMU dies with it) leaves its entry and
+// work dir; the next `vmharness ps` lists no VM and removes both.
+func TestPsRemovesKilledRunsLeftovers(t *testing.T) {
+	v := newVMsEnv(t)
+	reg := v.registry(t)
+	runner, qemu := fakeQEMU(t), fakeQEMU(t)
+	work, err := reg.NewWorkDir()
+	require.NoError(t, err)
+	require.NoError(t, os.WriteFile(filepath.Join(work, "overlay.qcow2"), []byte("x"), 0o600))
+	_, err = reg.Register(registry.Entry{Name: "killed", CID: 3, RunnerPID: runner.Process.Pid, QEMUPID: qemu.Process.Pid, WorkDir: work})
+	require.NoError(t, err)
+	for _, p := range []*exec.Cmd{runner, qemu} {
+		require.NoError(t, p.Process.Kill())
+		p.Wait()
+	}
+
+	require.Equal(t, exitPass, cmdPs(context.Background(), v.env, nil), v.stderr.String())
+	assert.Equal(t, "NAME CID TRANSPORT PID UPTIME STATE JOURNAL", strings.Join(strings.Fields(v.stdout.String()), " "))
+	assert.NoDirExists(t, work)
+	assert.NoFileExists(t, filepath.Join(v.runtime, "killed.json"))
+}
+
+// A VM whose QEMU has exited while its runner still cleans up: stop leaves
+// the entry and work dir to the runner.
+func TestStopVMWhoseRunnerCleansUp(t *testing.T) {
+	v := newVMsEnv(t)
+	reg := v.registry(t)
+	work, err := reg.NewWorkDir()
+	require.NoError(t, err)
+	// This test process is the runner; QEMU is gone.
+	_, err = reg.Register(registry.Entry{Name: "stopping", CID: 3, QEMUPID: reapedPID(t), WorkDir: work})
+	require.NoError(t, err)
+
+	require.Equal(t, exitPass, cmdStop(context.Background(), v.env, []string{"stopping"}), v.stderr.String())
+	assert.Contains(t, v.stdout.String(), "cleans up the rest")
+	assert.DirExists(t, work)
+	_, err = reg.Lookup("stopping")
+	assert.NoError(t, err)
+}
+
 func atoi(t *testing.T, s string) int {
 	n, err := strconv.Atoi(s)
 	require.NoError(t, err, s)
@@ -112,9 +180,10 @@ func TestStopKeptVMCleansUp(t *testing.T) {
 	v := newVMsEnv(t)
 	reg := v.registry(t)
 	qemu := fakeQEMU(t)
-	work := filepath.Join(t.TempDir(), "run-1")
+	work, err := reg.NewWorkDir()
+	require.NoError(t, err)
 	require.NoError(t, os.MkdirAll(filepath.Join(work, "sockets"), 0o700))
-	_, err := reg.Register(registry.Entry{Name: "TEST-03", CID: 3, QEMUPID: qemu.Process.Pid,
+	_, err = reg.Register(registry.Entry{Name: "TEST-03", CID: 3, QEMUPID: qemu.Process.Pid,
 		RunnerPID: reapedPID(t), WorkDir: work, KeptUntil: time.Now().Add(time.Hour)})
 	require.NoError(t, err)
 

@@ -11,6 +11,8 @@ import (
 	"strconv"
 	"strings"
 	"syscall"
+
+	"golang.org/x/sys/unix"
 )
 
 // Keeping a failed test's VM: the VM's QEMU and its userspace vsock device
@@ -94,13 +96,38 @@ type keeperHandoff struct {
 	result *os.File
 }
 
+// newKeeperHandoff wraps the result pipe of a keeper, or returns nil in any
+// other process. main has prepared the pipe (prepareKeeperProcess).
 func newKeeperHandoff(getenv func(string) string) *keeperHandoff {
 	if getenv(supervisorFDEnv) != "3" {
 		return nil
 	}
-	// Writes to a closed pipe must fail, not kill the keeper.
-	signal.Ignore(syscall.SIGPIPE)
 	return &keeperHandoff{result: os.NewFile(3, "vmharness-result")}
+}
+
+// prepareKeeperProcess readies a keeper process for the run before it does
+// anything else; main calls it once, since both changes are process-wide.
+// In any other process it does nothing.
+//
+//   - The result pipe (fd 3, inherited without close-on-exec) becomes
+//     close-on-exec. Otherwise QEMU, qemu-img, systemd-journal-remote or an
+//     image build would hold its write end, and the foreground process,
+//     which reads it to EOF when the keeper ends without keeping the VM,
+//     would wait for them.
+//   - A write to the foreground's stderr pipe after the foreground has gone
+//     (killed by Meson after its grace period) fails with EPIPE instead of
+//     killing the keeper, and with it the VM it serves. Go does that for
+//     fds 1 and 2 only if SIGPIPE is ignored or notified; notified, because
+//     an ignored SIGPIPE would be inherited by the keeper's children.
+func prepareKeeperProcess(getenv func(string) string) error {
+	if getenv(supervisorFDEnv) != "3" {
+		return nil
+	}
+	if _, err := unix.FcntlInt(3, unix.F_SETFD, unix.FD_CLOEXEC); err != nil {
+		return fmt.Errorf("%s=3 but fd 3 is not usable (%w): the variable is for the VM keeper that `vmharness run --keep-failed-vm` starts; unset it", supervisorFDEnv, err)
+	}
+	signal.Notify(make(chan os.Signal, 1), syscall.SIGPIPE)
+	return nil
 }
 
 // detach reports exitCode and points stdout and stderr at logPath.

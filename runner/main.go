@@ -53,6 +53,10 @@ func commands() []command {
 
 func main() {
 	env := &cliEnv{stdin: os.Stdin, stdout: os.Stdout, stderr: os.Stderr, getenv: os.Getenv}
+	if err := prepareKeeperProcess(env.getenv); err != nil {
+		fmt.Fprintf(env.stderr, "vmharness: %v\n", err)
+		os.Exit(exitHarnessError)
+	}
 	os.Exit(dispatch(env, os.Args[1:]))
 }
 

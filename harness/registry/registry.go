@@ -4,16 +4,25 @@
 //
 // The runner that boots a VM owns its entry: it registers it before QEMU
 // starts, updates it (QEMU pid, kept-after-failure deadline) and removes it
-// when it has cleaned up. Readers never trust an entry blindly: an entry whose
-// QEMU process is gone, or whose pid now belongs to another process (pid
-// reuse is detected through the start time in /proc/PID/stat), is stale and
-// List prunes it.
+// when it has cleaned up. A VM's name stays taken as long as its runner or
+// its QEMU runs, so a second run cannot take the name while the first is
+// still cleaning up; and a registration only ever updates or removes its own
+// entry (Entry.Token), never a later run's of the same name.
+//
+// Readers never trust an entry blindly: an entry whose runner and QEMU are
+// both gone, or whose pids now belong to other processes (pid reuse is
+// detected through the start time in /proc/PID/stat), is stale. Nobody is
+// left to clean up after it (a runner killed with SIGKILL takes QEMU with
+// it), so List, Lookup and Register delete stale entries together with
+// their work dirs; the only directories they delete are work dirs made by
+// NewWorkDir.
 //
 // The registry also allocates guest CIDs (ReserveCID) so that parallel VMs
 // never share one.
 package registry
 
 import (
+	"crypto/rand"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -67,6 +76,11 @@ type Entry struct {
 	// QEMUPID and RunnerPID, recorded by the registry to detect pid reuse.
 	QEMUStartTicks   uint64 `json:"qemu_start_ticks,omitempty"`
 	RunnerStartTicks uint64 `json:"runner_start_ticks,omitempty"`
+
+	// Token is random and set by Register. It tells this registration from
+	// a later one of the same name, so a run that is late to clean up
+	// cannot remove or overwrite the entry of the run that took its name.
+	Token string `json:"token,omitempty"`
 }
 
 // Kept reports whether the VM was kept running after a failed test.
@@ -80,14 +94,11 @@ func (e Entry) RunnerAlive() bool {
 	return e.RunnerPID > 0 && sameProcess(e.RunnerPID, e.RunnerStartTicks)
 }
 
-// Live reports whether the VM exists: its QEMU runs or, before QEMU has
-// started, its runner does.
-func (e Entry) Live() bool {
-	if e.QEMUPID > 0 {
-		return e.QEMUAlive()
-	}
-	return e.RunnerAlive()
-}
+// Live reports whether the VM's name is taken: its runner runs (before QEMU
+// starts, while it serves the VM, while it cleans up after QEMU has exited)
+// or its QEMU does (a kept VM, or a QEMU that outlived its runner). An entry
+// that is not live is stale.
+func (e Entry) Live() bool { return e.RunnerAlive() || e.QEMUAlive() }
 
 // ErrNameTaken is returned by Register when a live VM already has the name.
 var ErrNameTaken = errors.New("name is taken by a running harness VM")
@@ -123,6 +134,12 @@ func RuntimeDir(getenv func(string) string) string {
 // directory owned by another user or writable by others, since entries
 // direct ssh and stop at sockets and processes.
 func Open(dir string) (*Registry, error) {
+	// Entries record work dirs by absolute path, read from other processes
+	// with other working directories.
+	dir, err := filepath.Abs(dir)
+	if err != nil {
+		return nil, fmt.Errorf("registry dir %s: %w", dir, err)
+	}
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, fmt.Errorf("create registry dir: %w", err)
 	}
@@ -181,8 +198,8 @@ func SanitizeName(s string) string {
 // Register writes a new entry. e.Name must be a plain name (letters, digits
 // and ._+:-, not starting with a dot; no @, which ssh would read as
 // user@host) not used by another live VM; a stale entry of that name is
-// replaced. RunnerPID defaults to this process and
-// StartTime to now.
+// replaced, and every stale entry is pruned first (see List). RunnerPID
+// defaults to this process and StartTime to now; Token is always new.
 func (r *Registry) Register(e Entry) (*Registration, error) {
 	if !validName.MatchString(e.Name) {
 		return nil, fmt.Errorf("register VM: invalid name %q (use letters, digits and ._+:-)", e.Name)
@@ -193,6 +210,7 @@ func (r *Registry) Register(e Entry) (*Registration, error) {
 	if e.StartTime.IsZero() {
 		e.StartTime = time.Now()
 	}
+	e.Token = rand.Text()
 	recordStartTicks(&e)
 
 	unlock, err := r.lock()
@@ -200,12 +218,14 @@ func (r *Registry) Register(e Entry) (*Registration, error) {
 		return nil, err
 	}
 	defer unlock()
-	old, err := r.read(e.Name)
-	switch {
-	case err == nil && old.Live():
-		return nil, fmt.Errorf("register VM %q: %w (QEMU pid %d, runner pid %d)", e.Name, ErrNameTaken, old.QEMUPID, old.RunnerPID)
-	case err != nil && !errors.Is(err, fs.ErrNotExist):
-		// A corrupt file is as good as stale: overwrite it.
+	live, err := r.prune()
+	if err != nil {
+		return nil, fmt.Errorf("register VM %q: %w", e.Name, err)
+	}
+	for _, old := range live {
+		if old.Name == e.Name {
+			return nil, fmt.Errorf("register VM %q: %w (QEMU pid %d, runner pid %d)", e.Name, ErrNameTaken, old.QEMUPID, old.RunnerPID)
+		}
 	}
 	if err := r.write(e); err != nil {
 		return nil, err
@@ -213,21 +233,22 @@ func (r *Registry) Register(e Entry) (*Registration, error) {
 	return &Registration{reg: r, entry: e}, nil
 }
 
-// Update applies fn to the entry and writes it back. The name cannot change.
-// It fails with an error wrapping fs.ErrNotExist if the entry was removed
-// (for example by `vmharness stop`).
+// Update applies fn to the entry and writes it back. The name and token
+// cannot change. It fails with an error wrapping fs.ErrNotExist if the entry
+// was removed (for example by `vmharness stop`), or replaced by another
+// run's entry of the same name.
 func (g *Registration) Update(fn func(*Entry)) error {
 	unlock, err := g.reg.lock()
 	if err != nil {
 		return err
 	}
 	defer unlock()
-	if _, err := os.Stat(g.reg.path(g.entry.Name)); err != nil {
+	if err := g.reg.stillRegistered(g.entry); err != nil {
 		return fmt.Errorf("update VM %q: %w", g.entry.Name, err)
 	}
 	e := g.entry
 	fn(&e)
-	e.Name = g.entry.Name
+	e.Name, e.Token = g.entry.Name, g.entry.Token
 	if e.QEMUPID != g.entry.QEMUPID || e.QEMUStartTicks == 0 {
 		e.QEMUStartTicks = 0
 	}
@@ -242,60 +263,65 @@ func (g *Registration) Update(fn func(*Entry)) error {
 	return nil
 }
 
-// Remove deletes the entry. Removing an entry that is already gone is not an
-// error.
+// Remove deletes the entry if it is still this registration's. Removing an
+// entry that is already gone, or that another run has registered under the
+// same name since, does nothing and is not an error.
 func (g *Registration) Remove() error {
-	return g.reg.Remove(g.entry.Name)
+	return g.reg.Remove(g.entry)
 }
 
-// Remove deletes the entry called name, live or not; `vmharness stop` uses
-// it after it has stopped the VM. A missing entry is not an error.
-func (r *Registry) Remove(name string) error {
-	if !validName.MatchString(name) {
-		return fmt.Errorf("remove VM: invalid name %q", name)
+// Remove deletes e's entry, live or not, if the registry still holds that
+// registration (same name and Token); `vmharness stop` uses it after it has
+// stopped the VM. A missing entry, or a later run's entry of the same name,
+// is left alone and is not an error.
+func (r *Registry) Remove(e Entry) error {
+	if !validName.MatchString(e.Name) {
+		return fmt.Errorf("remove VM: invalid name %q", e.Name)
 	}
 	unlock, err := r.lock()
 	if err != nil {
 		return err
 	}
 	defer unlock()
-	if err := os.Remove(r.path(name)); err != nil && !errors.Is(err, fs.ErrNotExist) {
-		return fmt.Errorf("remove VM %q: %w", name, err)
+	err = r.stillRegistered(e)
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("remove VM %q: %w", e.Name, err)
+	}
+	if err := os.Remove(r.path(e.Name)); err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return fmt.Errorf("remove VM %q: %w", e.Name, err)
 	}
 	return nil
 }
 
-// List returns the live VMs sorted by start time and deletes the entries of
-// VMs that are gone. For a stale entry whose runner is gone too, nobody is
-// left to clean up, so List also removes its WorkDir.
+// stillRegistered checks that the entry file for e.Name is e's registration.
+// An entry of that name from another registration counts as not existing.
+// Call it with the lock held.
+func (r *Registry) stillRegistered(e Entry) error {
+	cur, err := r.read(e.Name)
+	if err != nil {
+		return err
+	}
+	if cur.Token != e.Token {
+		return fmt.Errorf("the entry now belongs to another run (runner pid %d): %w", cur.RunnerPID, fs.ErrNotExist)
+	}
+	return nil
+}
+
+// List returns the live VMs sorted by start time. It deletes stale entries
+// (runner and QEMU both gone) and their work dirs, since nobody is left to
+// clean up after them.
 func (r *Registry) List() ([]Entry, error) {
 	unlock, err := r.lock()
 	if err != nil {
 		return nil, err
 	}
 	defer unlock()
-	names, err := filepath.Glob(filepath.Join(r.dir, "*.json"))
+	live, err := r.prune()
 	if err != nil {
-		return nil, fmt.Errorf("list VMs: %w", err)
-	}
-	var live []Entry
-	for _, p := range names {
-		name := strings.TrimSuffix(filepath.Base(p), ".json")
-		e, err := r.read(name)
-		if err != nil && errors.Is(err, fs.ErrNotExist) {
-			continue
-		}
-		if err == nil && e.Live() {
-			live = append(live, e)
-			continue
-		}
-		// Stale or unreadable: prune.
-		if err == nil && !e.RunnerAlive() {
-			removeWorkDir(e.WorkDir)
-		}
-		if err := os.Remove(p); err != nil && !errors.Is(err, fs.ErrNotExist) {
-			return nil, fmt.Errorf("prune stale VM entry: %w", err)
-		}
+		return nil, err
 	}
 	sort.Slice(live, func(i, j int) bool {
 		if !live[i].StartTime.Equal(live[j].StartTime) {
@@ -303,6 +329,49 @@ func (r *Registry) List() ([]Entry, error) {
 		}
 		return live[i].Name < live[j].Name
 	})
+	return live, nil
+}
+
+// prune deletes stale and unreadable entries and the work dirs of stale
+// ones, and returns the live entries. A work dir is removed before its
+// entry, so an interrupted prune leaves the entry for the next one; a work
+// dir a live entry also names is left alone. Call it with the lock held.
+func (r *Registry) prune() ([]Entry, error) {
+	paths, err := filepath.Glob(filepath.Join(r.dir, "*.json"))
+	if err != nil {
+		return nil, fmt.Errorf("list VMs: %w", err)
+	}
+	var live, stale []Entry
+	var toDelete []string // entry files
+	for _, p := range paths {
+		e, err := r.read(strings.TrimSuffix(filepath.Base(p), ".json"))
+		switch {
+		case errors.Is(err, fs.ErrNotExist):
+		case err != nil:
+			toDelete = append(toDelete, p)
+		case e.Live():
+			live = append(live, e)
+		default:
+			stale = append(stale, e)
+		}
+	}
+	inUse := make(map[string]bool, len(live))
+	for _, e := range live {
+		inUse[filepath.Clean(e.WorkDir)] = true
+	}
+	for _, e := range stale {
+		if e.WorkDir != "" && !inUse[filepath.Clean(e.WorkDir)] {
+			// A path removeWorkDir refuses (not a work dir NewWorkDir
+			// made) stays; the entry goes all the same.
+			r.removeWorkDir(e.WorkDir)
+		}
+		toDelete = append(toDelete, r.path(e.Name))
+	}
+	for _, p := range toDelete {
+		if err := os.Remove(p); err != nil && !errors.Is(err, fs.ErrNotExist) {
+			return nil, fmt.Errorf("prune stale VM entry: %w", err)
+		}
+	}
 	return live, nil
 }
 
@@ -478,22 +547,79 @@ func startTicks(pid int) (uint64, error) {
 	return strconv.ParseUint(fields[19], 10, 64)
 }
 
-// removeWorkDir deletes a dead VM's per-run directory. It refuses paths that
-// cannot be a per-run directory, so a corrupt entry cannot delete much.
-func removeWorkDir(dir string) error {
-	if dir == "" {
-		return nil
+// workDirPrefix starts the name of every work dir NewWorkDir makes;
+// os.MkdirTemp appends random digits.
+const workDirPrefix = "vm-"
+
+var workDirName = regexp.MustCompile(`^` + workDirPrefix + `[0-9]+$`)
+
+// NewWorkDir creates a private (0700) per-run work dir directly in the
+// registry dir. It is the only kind of directory the registry deletes when
+// it finds a VM's runner and QEMU dead.
+func (r *Registry) NewWorkDir() (string, error) {
+	dir, err := os.MkdirTemp(r.dir, workDirPrefix)
+	if err != nil {
+		return "", fmt.Errorf("create the VM's work directory in %s: %w", r.dir, err)
 	}
-	clean := filepath.Clean(dir)
-	if !filepath.IsAbs(clean) || strings.Count(clean, "/") < 2 {
-		return fmt.Errorf("refusing to remove work dir %q: not a per-run directory", dir)
-	}
-	return os.RemoveAll(clean)
+	return dir, nil
 }
 
 // RemoveWorkDir deletes e's WorkDir (overlay, sockets). Call it only when
-// neither QEMU nor the runner of e is alive.
-func RemoveWorkDir(e Entry) error { return removeWorkDir(e.WorkDir) }
+// neither QEMU nor the runner of e is alive. It refuses any path that is not
+// a work dir NewWorkDir made (see removeWorkDir).
+func (r *Registry) RemoveWorkDir(e Entry) error { return r.removeWorkDir(e.WorkDir) }
+
+// removeWorkDir deletes a dead VM's work dir. Entries are plain files a
+// bug or a hand edit may corrupt, so it deletes only a directory that
+// NewWorkDir could have made: directly in the registry dir, named vm-DIGITS,
+// not a symlink, owned by this user. A dir that is already gone is not an
+// error.
+func (r *Registry) removeWorkDir(dir string) error {
+	if dir == "" {
+		return nil
+	}
+	refuse := func(why string) error {
+		return fmt.Errorf("refusing to remove work dir %q: %s; only vmharness's own %s* dirs in %s are removed", dir, why, workDirPrefix, r.dir)
+	}
+	if !filepath.IsAbs(dir) {
+		return refuse("not an absolute path")
+	}
+	clean := filepath.Clean(dir)
+	name := filepath.Base(clean)
+	if !workDirName.MatchString(name) {
+		return refuse("not named like a work dir")
+	}
+	parent, err := os.Stat(filepath.Dir(clean))
+	if err != nil {
+		return refuse(err.Error())
+	}
+	regDir, err := os.Stat(r.dir)
+	if err != nil {
+		return refuse(err.Error())
+	}
+	if !os.SameFile(parent, regDir) {
+		return refuse("not in the registry dir")
+	}
+	// From here on the path is spelled through the registry dir, which is
+	// private to this user, so it cannot change under us.
+	path := filepath.Join(r.dir, name)
+	var st unix.Stat_t
+	if err := unix.Lstat(path, &st); errors.Is(err, unix.ENOENT) {
+		return nil
+	} else if err != nil {
+		return refuse(err.Error())
+	}
+	if st.Mode&unix.S_IFMT != unix.S_IFDIR {
+		return refuse("not a directory (a symlink?)")
+	}
+	if int(st.Uid) != os.Geteuid() {
+		return refuse(fmt.Sprintf("owned by uid %d, not %d", st.Uid, os.Geteuid()))
+	}
+	if err := os.RemoveAll(path); err != nil {
+		return fmt.Errorf("remove work dir: %w", err)
+	}
+	return nil
+}
 
 func isDir(p string) bool {
 	st, err := os.Stat(p)

@@ -54,12 +54,13 @@ func StateDir(getenv func(string) string) (string, error) {
 
 // EnsureKey returns the private key path and the authorized_keys line
 // ("ssh-ed25519 AAAA... vmharness") of the key pair in dir, generating the
-// pair first if it does not exist. dir is created 0700. Parallel callers,
+// pair first if it does not exist. dir is created 0700, or made 0700 if it
+// exists with wider permissions (see makePrivateDir). Parallel callers,
 // in this or other processes, get the same key: generation happens under an
 // flock on dir/key.lock and files appear atomically (temp file + rename).
 func EnsureKey(dir string) (privPath, pubLine string, err error) {
-	if err := os.MkdirAll(dir, 0o700); err != nil {
-		return "", "", fmt.Errorf("create key dir: %w", err)
+	if err := makePrivateDir(dir); err != nil {
+		return "", "", err
 	}
 	privPath = filepath.Join(dir, PrivateKeyName)
 
@@ -108,6 +109,29 @@ func EnsureKey(dir string) (privPath, pubLine string, err error) {
 		return "", "", err
 	}
 	return privPath, pubLine, nil
+}
+
+// makePrivateDir creates dir 0700, or makes an existing dir 0700. The key
+// dir is the state dir, which may already exist with the umask's
+// permissions: the runner makes its default journal dir, state/journal,
+// before the key, and versions before this check left it 0755.
+func makePrivateDir(dir string) error {
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return fmt.Errorf("create key dir: %w", err)
+	}
+	st, err := os.Stat(dir)
+	if err != nil {
+		return fmt.Errorf("key dir: %w", err)
+	}
+	if !st.IsDir() {
+		return fmt.Errorf("key dir %s is not a directory: remove it or set VMHARNESS_STATE_DIR", dir)
+	}
+	if st.Mode().Perm()&0o077 != 0 {
+		if err := os.Chmod(dir, 0o700); err != nil {
+			return fmt.Errorf("key dir %s is open to other users and cannot be made private (chmod 700 it, or set VMHARNESS_STATE_DIR): %w", dir, err)
+		}
+	}
+	return nil
 }
 
 // readPublic derives the authorized_keys line from the private key at path,

@@ -41,6 +41,49 @@ func TestEnsureKeyOpenSSHAcceptsIt(t *testing.T) {
 	assert.Equal(t, pub, strings.TrimSpace(string(out)))
 }
 
+// The key dir is private however it came to exist, and what is already in
+// it (the runner's journal dir) is left as it is.
+func TestEnsureKeyMakesStateDirPrivate(t *testing.T) {
+	tests := []struct {
+		name  string
+		setup func(t *testing.T, dir string)
+	}{
+		{"new", func(t *testing.T, dir string) {}},
+		{"made 0755 as the journal dir's parent", func(t *testing.T, dir string) {
+			require.NoError(t, os.MkdirAll(filepath.Join(dir, "journal"), 0o755))
+			require.NoError(t, os.Chmod(dir, 0o755))
+		}},
+		{"0777 with a key from an older version", func(t *testing.T, dir string) {
+			require.NoError(t, os.Mkdir(dir, 0o777))
+			require.NoError(t, os.Chmod(dir, 0o777))
+			_, _, err := EnsureKey(dir)
+			require.NoError(t, err)
+			require.NoError(t, os.Chmod(dir, 0o777))
+		}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			dir := filepath.Join(t.TempDir(), "state")
+			tt.setup(t, dir)
+			_, _, err := EnsureKey(dir)
+			require.NoError(t, err)
+			st, err := os.Stat(dir)
+			require.NoError(t, err)
+			assert.Equal(t, os.FileMode(0o700), st.Mode().Perm())
+			if st, err := os.Stat(filepath.Join(dir, "journal")); err == nil {
+				assert.Equal(t, os.FileMode(0o755), st.Mode().Perm(), "the journal dir is not touched")
+			}
+		})
+	}
+}
+
+func TestEnsureKeyRefusesNonDirectory(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "state")
+	require.NoError(t, os.WriteFile(path, nil, 0o600))
+	_, _, err := EnsureKey(path)
+	assert.ErrorContains(t, err, "not a directory")
+}
+
 func TestEnsureKeyIsStable(t *testing.T) {
 	dir := t.TempDir()
 	_, first, err := EnsureKey(dir)
