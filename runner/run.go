@@ -98,28 +98,25 @@ func (r *testRun) run(ctx context.Context) int {
 	if journalDir == "" {
 		journalDir = filepath.Join(stateDir, "journal")
 	}
-	if err := os.MkdirAll(journalDir, 0o755); err != nil {
-		return r.fail("journal directory: %v", err)
-	}
+	// The key first: it makes the state directory 0700 before the default
+	// journal directory is created inside it.
 	_, pubKey, err := sshkey.EnsureKey(stateDir)
 	if err != nil {
 		return r.fail("ssh key: %v", err)
+	}
+	if err := os.MkdirAll(journalDir, 0o755); err != nil {
+		return r.fail("journal directory: %v", err)
 	}
 
 	reg, err := registry.Open(registry.RuntimeDir(getenv))
 	if err != nil {
 		return r.fail("%v", err)
 	}
-	workDir, err := os.MkdirTemp(reg.Dir(), "vm-")
+	workDir, err := reg.NewWorkDir()
 	if err != nil {
-		return r.fail("creating the VM's work directory: %v", err)
+		return r.fail("%v", err)
 	}
-	keepWorkDir := false
-	r.defer_(func() {
-		if !keepWorkDir {
-			os.RemoveAll(workDir)
-		}
-	})
+	r.defer_(func() { os.RemoveAll(workDir) })
 
 	transport, err := vsock.New(ctx, vsock.Config{
 		Mode:         vsockMode,
@@ -149,11 +146,7 @@ func (r *testRun) run(ctx context.Context) int {
 	if err != nil {
 		return r.fail("%v", err)
 	}
-	r.defer_(func() {
-		if !keepWorkDir {
-			reg_.Remove()
-		}
-	})
+	r.defer_(func() { reg_.Remove() })
 	journalPath := filepath.Join(journalDir, name+".journal")
 	consoleLog := filepath.Join(journalDir, name+".console.log")
 	reg_.Update(func(e *registry.Entry) { e.JournalPath, e.ConsoleLog = journalPath, consoleLog })
