@@ -10,6 +10,7 @@ import (
 	"io"
 	"os"
 	"os/exec"
+	"path"
 	"path/filepath"
 	"regexp"
 	"strconv"
@@ -45,7 +46,7 @@ func buildWithMmdebstrap(ctx context.Context, r *Recipe, key, out string, log *p
 	}
 
 	var filesTar string
-	if r.files != nil {
+	if r.hasFilesTar() {
 		filesTar = filepath.Join(work, "files.tar")
 		var buf bytes.Buffer
 		if err := r.writeFilesTar(&buf); err != nil {
@@ -124,8 +125,26 @@ func mmdebstrapArgs(r *Recipe, mode, filesTar, target string) []string {
 		args = append(args, "--customize-hook=tar-in "+filesTar+" /")
 	}
 	// Hook scripts run as sh -c SCRIPT exec ROOT, so "$1" is the tree.
+	// Whatever resolves paths in the tree runs chrooted, so that an
+	// absolute symlink in the tree cannot lead it to the host's files.
 	var script []string
 	script = append(script, "set -e")
+	for _, p := range sortedKeys(r.Symlinks) {
+		script = append(script,
+			`chroot "$1" mkdir -p -- `+shellQuote(path.Dir("/"+p)),
+			// -T: a directory in the way is an error, not a place to put
+			// the link into.
+			`chroot "$1" ln -sfT -- `+shellQuoteAll([]string{r.Symlinks[p], "/" + p}))
+	}
+	if len(r.Sysusers) > 0 {
+		// The tree's own systemd-sysusers, which knows the syntax of the
+		// tree's systemd; the host's may be older.
+		script = append(script, `chroot "$1" systemd-sysusers `+shellQuote("/"+SysusersConf))
+	}
+	for _, u := range r.homesToCreate() {
+		script = append(script, `chroot "$1" sh -c 'test -e "$1" || install -d -m 0700 -o "$2" -g "$(id -g "$2")" -- "$1"' sh `+
+			shellQuoteAll([]string{u.home, u.name}))
+	}
 	if len(r.EnableUnits) > 0 {
 		script = append(script, `chroot "$1" systemctl enable `+shellQuoteAll(r.EnableUnits))
 	}
@@ -151,9 +170,13 @@ func mmdebstrapArgs(r *Recipe, mode, filesTar, target string) []string {
 func shellQuoteAll(words []string) string {
 	q := make([]string, len(words))
 	for i, w := range words {
-		q[i] = "'" + strings.ReplaceAll(w, "'", `'\''`) + "'"
+		q[i] = shellQuote(w)
 	}
 	return strings.Join(q, " ")
+}
+
+func shellQuote(word string) string {
+	return "'" + strings.ReplaceAll(word, "'", `'\''`) + "'"
 }
 
 // findTool looks a program up on PATH and in the sbin directories, which

@@ -46,6 +46,30 @@ func TestMmdebstrapArgs(t *testing.T) {
 	}
 }
 
+func TestMmdebstrapArgsSymlinksAndSysusers(t *testing.T) {
+	r, err := LoadRecipe(filepath.Join("testdata", "child", "recipe.json"))
+	require.NoError(t, err)
+	args := mmdebstrapArgs(r, "root", "/w/files.tar", "/w/tree")
+	assert.Contains(t, args, "--include="+strings.Join(r.Packages, ","))
+	assert.True(t, strings.HasSuffix(args[2], ",jq"), "the child's package comes after the base's: %s", args[2])
+	script := strings.TrimPrefix(args[len(args)-3], "--customize-hook=")
+	want := []string{
+		`chroot "$1" mkdir -p -- '/usr/local/bin'`,
+		`chroot "$1" ln -sfT -- '../../bin/jq' '/usr/local/bin/jq-link'`,
+		`chroot "$1" systemd-sysusers '/usr/lib/sysusers.d/vmharness-recipe.conf'`,
+		`chroot "$1" sh -c 'test -e "$1" || install -d -m 0700 -o "$2" -g "$(id -g "$2")" -- "$1"' sh '/home/testuser' 'testuser'`,
+		`chroot "$1" systemctl enable 'vsock-echo.socket'`,
+	}
+	last := -1
+	for _, w := range want {
+		i := strings.Index(script, w)
+		require.GreaterOrEqual(t, i, 0, "script lacks %q:\n%s", w, script)
+		assert.Greater(t, i, last, "%q out of order", w)
+		last = i
+	}
+	assert.Less(t, strings.Index(script, "/home/testuser"), strings.Index(script, "update-initramfs"))
+}
+
 func TestParseDpkgStatus(t *testing.T) {
 	status := `Package: zlib1g
 Status: install ok installed
@@ -211,4 +235,60 @@ func TestBuildDefaultImageE2E(t *testing.T) {
 	out, err := exec.Command(debugfs, "-R", "cat /etc/hostname", img.Rootfs).Output()
 	require.NoError(t, err)
 	assert.Equal(t, "vmharness\n", string(out))
+}
+
+// TestBuildChildImageE2E really builds images/testdata/child, a recipe
+// extending the built-in one, and looks into its rootfs.img with debugfs
+// for what each of its fields adds.
+func TestBuildChildImageE2E(t *testing.T) {
+	if os.Getenv("VMHARNESS_E2E") != "1" {
+		t.Skip("set VMHARNESS_E2E=1 to build the child test image with mmdebstrap (needs network, takes 1-3 minutes)")
+	}
+	debugfs, err := findTool("debugfs", "")
+	if err != nil {
+		t.Skipf("%v", err)
+	}
+	if _, err := findTool("mmdebstrap", ""); err != nil {
+		t.Skipf("%v", err)
+	}
+	r, err := LoadRecipe(filepath.Join("testdata", "child", "recipe.json"))
+	require.NoError(t, err)
+	def, err := Default()
+	require.NoError(t, err)
+	key, err := r.Key()
+	require.NoError(t, err)
+	defKey, err := def.Key()
+	require.NoError(t, err)
+	require.NotEqual(t, defKey, key)
+
+	var progress syncBuffer
+	img, err := NewBuilder(t.TempDir(), &progress).Ensure(context.Background(), r)
+	require.NoError(t, err, "progress:\n%s", progress.String())
+	t.Logf("progress:\n%s", progress.String())
+	t.Logf("key %s, built in %.1f s", img.Manifest.Key, img.Manifest.BuildSeconds)
+	assert.Equal(t, key, img.Manifest.Key)
+	assert.Equal(t, "vmharness-test-child", img.Manifest.Name)
+
+	run := func(cmd string) string {
+		var stdout, stderr bytes.Buffer
+		c := exec.Command(debugfs, "-R", cmd, img.Rootfs)
+		c.Stdout, c.Stderr = &stdout, &stderr
+		require.NoError(t, c.Run(), "%s", stderr.String())
+		require.NotContains(t, stderr.String(), "not found", cmd)
+		return stdout.String()
+	}
+	assert.Regexp(t, `Type: regular`, run("stat /usr/bin/jq"), "the child's package is installed")
+	link := run("stat /usr/local/bin/jq-link")
+	assert.Regexp(t, `Type: symlink`, link)
+	assert.Contains(t, link, `Fast link dest: "../../bin/jq"`)
+	assert.Contains(t, run("cat /etc/passwd"), "\ntestuser:x:4711:4711:Test User:/home/testuser:/bin/bash\n")
+	assert.Contains(t, run("cat /etc/group"), "\ntestgroup:x:4712:testuser\n")
+	home := run("stat /home/testuser")
+	assert.Regexp(t, `Type: directory`, home)
+	assert.Regexp(t, `User:\s+4711\s+Group:\s+4711`, home)
+	assert.Regexp(t, `Mode:\s+0700`, home)
+	assert.Contains(t, run("cat "+SysusersConf), "u testuser 4711")
+	assert.Equal(t, "written by the child recipe in images/testdata/child\n", run("cat /etc/vmharness-child.conf"))
+	assert.Equal(t, "vmharness\n", run("cat /etc/hostname"), "the base's files are there too")
+	assert.Regexp(t, `Type: symlink`, run("stat /etc/systemd/system/sockets.target.wants/vsock-echo.socket"), "and its units enabled")
 }

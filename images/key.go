@@ -19,8 +19,10 @@ import (
 const FormatVersion = 1
 
 // Key returns the recipe's cache key: a hex SHA-256 over FormatVersion, the
-// recipe's fields and every file under its files directory (path, type, mode
-// and contents, in lexical path order).
+// merged recipe's fields and every file of the merged files directories
+// (path, type, mode and contents, in lexical path order). It covers the
+// whole chain of bases, since everything they give is merged in, and no
+// path of the machine, so copies of a recipe share one image.
 func (r *Recipe) Key() (string, error) {
 	h := sha256.New()
 	writeField(h, fmt.Sprintf("vmharness image format %d", FormatVersion))
@@ -31,13 +33,13 @@ func (r *Recipe) Key() (string, error) {
 		return "", fmt.Errorf("image recipe %s: encode: %w", r.source, err)
 	}
 	writeField(h, string(spec))
-	err = r.walkFiles(func(rel string, d fs.DirEntry, mode fs.FileMode) error {
+	err = r.walkFiles(func(rel string, e treeEntry, mode fs.FileMode) error {
 		writeField(h, rel)
 		writeField(h, fmt.Sprintf("%o", uint32(mode)))
-		if d.IsDir() {
+		if e.dir {
 			return nil
 		}
-		f, err := r.files.Open(rel)
+		f, err := e.fsys.Open(rel)
 		if err != nil {
 			return err
 		}
@@ -67,61 +69,70 @@ func writeField(h hash.Hash, s string) {
 	h.Write([]byte(s))
 }
 
-// walkFiles calls fn for every directory and regular file under the recipe's
-// files directory, in lexical order, with the mode it gets in the image.
-// Anything else (symlinks, devices) is rejected: the image would depend on
-// how the checkout stores it.
-func (r *Recipe) walkFiles(fn func(rel string, d fs.DirEntry, mode fs.FileMode) error) error {
-	if r.files == nil {
-		return nil
-	}
-	return fs.WalkDir(r.files, ".", func(rel string, d fs.DirEntry, err error) error {
-		if err != nil {
-			return err
-		}
-		if rel == "." {
-			return nil
-		}
-		switch {
-		case d.IsDir():
-			return fn(rel, d, fs.ModeDir|0o755)
-		case d.Type().IsRegular():
-			mode, err := r.fileMode(rel)
-			if err != nil {
+// walkFiles calls fn for every directory and regular file of the merged
+// files directories, in lexical path order, with the mode it gets in the
+// image.
+func (r *Recipe) walkFiles(fn func(rel string, e treeEntry, mode fs.FileMode) error) error {
+	for _, rel := range sortedKeys(r.tree) {
+		e := r.tree[rel]
+		mode := fs.ModeDir | 0o755
+		if !e.dir {
+			var err error
+			if mode, err = r.fileMode(rel); err != nil {
 				return err
 			}
-			return fn(rel, d, mode)
-		default:
-			return fmt.Errorf("%s: only regular files and directories are supported (type %v); create links with enable_units or a package", rel, d.Type())
 		}
-	})
+		if err := fn(rel, e, mode); err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
-// writeFilesTar writes the recipe's regular files as a tar archive rooted at
-// "/", every entry owned by root, for mmdebstrap's tar-in hook. Directories
-// get no entries of their own: an entry for ./etc/ would reset the tree's
-// existing directories' modes and times; tar creates missing ones as 0755.
+// hasFilesTar says whether the build has files to copy into the tree.
+func (r *Recipe) hasFilesTar() bool {
+	if len(r.Sysusers) > 0 {
+		return true
+	}
+	for _, e := range r.tree {
+		if !e.dir {
+			return true
+		}
+	}
+	return false
+}
+
+// writeFilesTar writes the recipe's regular files, and SysusersConf if it
+// has sysusers lines, as a tar archive rooted at "/", every entry owned by
+// root, for mmdebstrap's tar-in hook. Directories get no entries of their
+// own: an entry for ./etc/ would reset the tree's existing directories'
+// modes and times; tar creates missing ones as 0755.
 func (r *Recipe) writeFilesTar(w io.Writer) error {
 	tw := tar.NewWriter(w)
 	// A fixed time keeps the tree independent of the checkout's mtimes.
 	epoch := time.Unix(0, 0)
-	err := r.walkFiles(func(rel string, d fs.DirEntry, mode fs.FileMode) error {
-		hdr := &tar.Header{Name: "./" + rel, Mode: int64(mode.Perm()), ModTime: epoch, Uname: "root", Gname: "root", Format: tar.FormatPAX}
-		if d.IsDir() {
-			return nil
-		}
-		data, err := fs.ReadFile(r.files, rel)
-		if err != nil {
-			return err
-		}
-		hdr.Typeflag = tar.TypeReg
-		hdr.Size = int64(len(data))
+	add := func(rel string, mode fs.FileMode, data []byte) error {
+		hdr := &tar.Header{Name: "./" + rel, Typeflag: tar.TypeReg, Mode: int64(mode.Perm()), Size: int64(len(data)),
+			ModTime: epoch, Uname: "root", Gname: "root", Format: tar.FormatPAX}
 		if err := tw.WriteHeader(hdr); err != nil {
 			return err
 		}
-		_, err = tw.Write(data)
+		_, err := tw.Write(data)
 		return err
+	}
+	err := r.walkFiles(func(rel string, e treeEntry, mode fs.FileMode) error {
+		if e.dir {
+			return nil
+		}
+		data, err := fs.ReadFile(e.fsys, rel)
+		if err != nil {
+			return err
+		}
+		return add(rel, mode, data)
 	})
+	if err == nil && len(r.Sysusers) > 0 {
+		err = add(SysusersConf, 0o644, r.sysusersConf())
+	}
 	if err != nil {
 		return fmt.Errorf("image recipe %s: pack files: %w", r.source, err)
 	}

@@ -116,14 +116,12 @@ func TestKeySensitivity(t *testing.T) {
 	}
 }
 
-func TestKeyRejectsSymlinks(t *testing.T) {
+func TestLoadRecipeRefusesSymlinksInFiles(t *testing.T) {
 	path := diskRecipe(t, replace(validRecipe, `"rootfs_size"`, `"files": "files", "rootfs_size"`), map[string]string{"a": "x"})
 	require.NoError(t, os.Symlink("a", filepath.Join(filepath.Dir(path), "files", "link")))
-	r, err := LoadRecipe(path)
-	require.NoError(t, err)
-	_, err = r.Key()
+	_, err := LoadRecipe(path)
 	require.Error(t, err)
-	assert.Contains(t, err.Error(), "only regular files and directories")
+	assert.Contains(t, err.Error(), `files: link is a symlink; symlinks in the files directory are not followed or copied: declare it in the recipe's "symlinks" instead`)
 }
 
 func TestWriteFilesTar(t *testing.T) {
@@ -157,4 +155,74 @@ func TestWriteFilesTar(t *testing.T) {
 		"./etc/hostname":    {0o644, 0, 0, "h\n", true, 0},
 		"./usr/local/bin/x": {0o755, 0, 0, "#!/bin/sh\n", true, 0},
 	}, got, "only regular files, root-owned, with declared modes and a fixed time")
+}
+
+// TestKeyCoversTheChain checks that a child's key changes with whatever
+// its bases put into the image, and with nothing else.
+func TestKeyCoversTheChain(t *testing.T) {
+	const child = `{"base": "../base/recipe.json", "name": "child", "packages": ["jq"], "files": "files",
+  "symlinks": {"etc/l": "/x"}, "sysusers": ["u t 4711"]}`
+	childFiles := map[string]string{"etc/child": "c\n", "etc/hostname": "child\n"}
+
+	// key writes a copy of the built-in recipe, changed by edit, as the
+	// base and the child (or childJSON) next to it, and returns the child's key.
+	key := func(t *testing.T, edit func(dir string), childJSON string) string {
+		t.Helper()
+		dir := t.TempDir()
+		base := filepath.Join(dir, "base")
+		require.NoError(t, os.CopyFS(base, mustSub(t, builtin, "default")))
+		if edit != nil {
+			edit(base)
+		}
+		return keyOf(t, writeRecipe(t, filepath.Join(dir, "child"), childJSON, childFiles))
+	}
+	editJSON := func(old, new string) func(string) {
+		return func(dir string) {
+			p := filepath.Join(dir, "recipe.json")
+			data, err := os.ReadFile(p)
+			require.NoError(t, err)
+			require.NoError(t, os.WriteFile(p, []byte(replace(string(data), old, new)), 0o644))
+		}
+	}
+	editFile := func(rel, content string) func(string) {
+		return func(dir string) { writeFile(t, filepath.Join(dir, "files", rel), content) }
+	}
+	ref := key(t, nil, child)
+
+	def, err := Default()
+	require.NoError(t, err)
+	defKey, err := def.Key()
+	require.NoError(t, err)
+	assert.NotEqual(t, defKey, ref, "a child's key differs from its base's")
+
+	tests := []struct {
+		name  string
+		edit  func(dir string)
+		child string
+		same  bool
+	}{
+		{name: "same chain in another directory", child: child, same: true},
+		{name: "base named as default instead of a copy of it", child: replace(child, `"../base/recipe.json"`, `"default"`), same: true},
+		{name: "base file changed", edit: editFile("etc/modules-load.d/vsock.conf", "vsock\nextra\n"), child: child},
+		{name: "base file added", edit: editFile("etc/base-new", "x\n"), child: child},
+		{name: "base package added", edit: editJSON(`"socat"`, `"socat", "curl"`), child: child},
+		{name: "base unit disabled", edit: editJSON(`"fstrim.timer"`, `"fstrim.timer", "e2scrub_all.timer"`), child: child},
+		{name: "base rootfs size", edit: editJSON(`"2G"`, `"3G"`), child: child},
+		{name: "base file mode", edit: editJSON(`"0755"`, `"0700"`), child: child},
+		{name: "child symlink target", child: replace(child, `"/x"`, `"/y"`)},
+		{name: "child sysusers line", child: replace(child, `4711`, `4712`)},
+		{name: "child name", child: replace(child, `"child"`, `"child2"`)},
+		// The image cannot tell: the child's etc/hostname replaces it.
+		{name: "base file the child replaces", edit: editFile("etc/hostname", "other\n"), child: child, same: true},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			k := key(t, tt.edit, tt.child)
+			if tt.same {
+				assert.Equal(t, ref, k)
+			} else {
+				assert.NotEqual(t, ref, k)
+			}
+		})
+	}
 }

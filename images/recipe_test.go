@@ -39,20 +39,28 @@ func TestParseRecipe(t *testing.T) {
 		{name: "cmdline without root", json: replace(validRecipe, `"root=/dev/vda rw"`, `"rw"`), wantErr: "must say root="},
 		{name: "bad unit", json: replace(validRecipe, `"rootfs_size"`, `"enable_units": ["x; reboot"], "rootfs_size"`), wantErr: `unit "x; reboot"`},
 		{name: "files escaping", json: replace(validRecipe, `"rootfs_size"`, `"files": "../etc", "rootfs_size"`), wantErr: `files "../etc"`},
-		{name: "modes without files", json: replace(validRecipe, `"rootfs_size"`, `"file_modes": {"a": "0755"}, "rootfs_size"`), wantErr: "without a files directory"},
+		{name: "mode for a missing file", json: replace(validRecipe, `"rootfs_size"`, `"file_modes": {"a": "0755"}, "rootfs_size"`), wantErr: `file_modes["a"]: no such file`},
+		{name: "unit enabled and disabled", json: replace(validRecipe, `"rootfs_size"`, `"enable_units": ["a.service"], "disable_units": ["a.service"], "rootfs_size"`), wantErr: `unit "a.service": both`},
+		{name: "base dot", json: replace(validRecipe, `"rootfs_size"`, `"base": ".", "rootfs_size"`), wantErr: `base "."`},
+		{name: "root recipe needs everything", json: `{"name": "t", "packages": ["jq"]}`, wantErr: `distribution ""`},
+		{name: "child needs only a name", json: `{"base": "default", "name": "t"}`},
+		{name: "child without a name", json: `{"base": "default", "packages": ["jq"]}`, wantErr: `name ""`},
+		{name: "child bad override", json: `{"base": "default", "name": "t", "rootfs_size": "big"}`, wantErr: `rootfs_size "big"`},
 		{name: "bad mode", json: replace(validRecipe, `"rootfs_size"`, `"files": "f", "file_modes": {"a": "4755"}, "rootfs_size"`), wantErr: `mode "4755"`},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			r, err := parseRecipe([]byte(tt.json))
+			f, err := parseRecipeFile([]byte(tt.json))
+			if err == nil && f.Base == "" {
+				_, err = resolve(nil, f, nil, "test")
+			}
 			if tt.wantErr != "" {
 				require.Error(t, err)
 				assert.Contains(t, err.Error(), tt.wantErr)
 				return
 			}
 			require.NoError(t, err)
-			assert.Equal(t, "t", r.Name)
-			assert.Equal(t, []string{"systemd", "linux-image-cloud-amd64"}, r.Packages)
+			assert.Equal(t, "t", f.Name)
 		})
 	}
 }
@@ -75,8 +83,8 @@ func TestDefaultRecipe(t *testing.T) {
 	assert.Equal(t, "root=/dev/vda rw", r.KernelCmdline)
 
 	var files []string
-	require.NoError(t, r.walkFiles(func(rel string, d fs.DirEntry, mode fs.FileMode) error {
-		if !d.IsDir() {
+	require.NoError(t, r.walkFiles(func(rel string, e treeEntry, mode fs.FileMode) error {
+		if !e.dir {
 			files = append(files, rel)
 		}
 		return nil
@@ -99,7 +107,7 @@ func TestLoadRecipe(t *testing.T) {
 	r, err := LoadRecipe(filepath.Join(dir, "r.json"))
 	require.NoError(t, err)
 	assert.Equal(t, filepath.Join(dir, "r.json"), r.Source())
-	require.NotNil(t, r.files)
+	assert.Equal(t, treeEntry{fsys: r.tree["etc/hostname"].fsys, layer: filepath.Join(dir, "r.json")}, r.tree["etc/hostname"])
 
 	_, err = LoadRecipe(filepath.Join(dir, "missing.json"))
 	require.ErrorIs(t, err, os.ErrNotExist)
