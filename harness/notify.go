@@ -42,14 +42,20 @@ func parseNotify(data []byte, complete bool) verdict.Notify {
 }
 
 // serveNotify accepts notify connections until the listener is closed or
-// ctx ends, sending each message to msgs. It closes the listener and
-// returns when every connection handler has finished.
+// ctx ends, sending each message to msgs in the order the connections
+// were accepted: the guest sends its messages one after the other, each on
+// its own connection, and their order matters (a result before or after a
+// reboot). Connections are read in parallel, so a stalled one delays the
+// later messages by at most notifyReadTimeout. serveNotify closes the
+// listener and returns when every connection handler has finished.
 func serveNotify(ctx context.Context, l net.Listener, msgs chan<- verdict.Notify, logf func(string, ...any)) {
 	var wg sync.WaitGroup
 	defer wg.Wait()
 	defer l.Close()
 	stop := context.AfterFunc(ctx, func() { l.Close() })
 	defer stop()
+	prev := make(chan struct{})
+	close(prev)
 	for {
 		conn, err := l.Accept()
 		if err != nil {
@@ -59,8 +65,11 @@ func serveNotify(ctx context.Context, l net.Listener, msgs chan<- verdict.Notify
 			return
 		}
 		wg.Add(1)
+		turn, done := prev, make(chan struct{})
+		prev = done
 		go func() {
 			defer wg.Done()
+			defer close(done)
 			defer conn.Close()
 			conn.SetReadDeadline(time.Now().Add(notifyReadTimeout))
 			data, err := io.ReadAll(io.LimitReader(bufio.NewReader(conn), maxNotifyMessage+1))
@@ -72,6 +81,11 @@ func serveNotify(ctx context.Context, l net.Listener, msgs chan<- verdict.Notify
 				logf("notify: reading message: %v (keeping its complete lines)", err)
 			}
 			m := parseNotify(data, err == nil)
+			select {
+			case <-turn:
+			case <-ctx.Done():
+				return
+			}
 			if len(m) == 0 {
 				return
 			}

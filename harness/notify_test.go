@@ -66,6 +66,22 @@ func TestServeNotify(t *testing.T) {
 	send("EXIT_STATUS=123")
 	assert.Equal(t, verdict.Notify{"EXIT_STATUS": "123"}, receive())
 
+	// Messages come out in the order their connections were accepted,
+	// even when a later one is complete first.
+	slow, err := net.Dial("unix", l.Addr().String())
+	require.NoError(t, err)
+	_, err = slow.Write([]byte("X_SYSTEMD_SHUTDOWN=reboot\n"))
+	require.NoError(t, err)
+	send("X_SYSTEMD_UNIT_ACTIVE=basic.target")
+	select {
+	case m := <-msgs:
+		t.Fatalf("%v delivered before the connection accepted earlier", m)
+	case <-time.After(300 * time.Millisecond):
+	}
+	require.NoError(t, slow.Close())
+	assert.Equal(t, verdict.Notify{"X_SYSTEMD_SHUTDOWN": "reboot"}, receive())
+	assert.Equal(t, verdict.Notify{"X_SYSTEMD_UNIT_ACTIVE": "basic.target"}, receive())
+
 	cancel()
 	select {
 	case <-done:

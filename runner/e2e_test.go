@@ -147,13 +147,25 @@ func TestE2EExitCodes(t *testing.T) {
 		{"pass", "boot.service", nil, 0, "PASS"},
 		{"fail", "fail.service", nil, 1, "test exited with status 3"},
 		{"skip", "skip.service", nil, 77, "SKIP"},
-		{"poweroff without success action", "poweroff.service", nil, 1, "VM stopped without the test's success action"},
-		{"kernel panic", "panic.service", nil, 1, "guest kernel panicked"},
-		{"hang past timeout", "hang.service", []string{"--timeout", "90s"}, 1, "test timed out after 1m30s"},
-		{"boot timeout", "boot.service", []string{"--boot-timeout", "2s"}, 1, "guest did not boot within 2s"},
+		{"condition not met is a skip", "condition.service", nil, 77, "SKIP: test skipped: a condition of its unit was not met"},
+		{"poweroff without success action", "poweroff.service", nil, 1, "FAIL: VM powered off before the test finished"},
+		{"kernel panic", "panic.service", nil, 1, "FAIL: guest kernel panicked"},
+		{"hang past timeout", "hang.service", []string{"--timeout", "90s"}, 1, "FAIL: test timed out after 1m30s"},
+		{"boot timeout", "boot.service", []string{"--boot-timeout", "2s"}, 1, "FAIL: boot timeout: guest did not boot within 2s"},
+		// The exit statuses of the success action and of the emergency-exit
+		// unit, coming from the test itself, are plain failures.
+		{"exit 123 is a failure, not a pass", "exit123.service", nil, 1, "FAIL: test exited with status 123 "},
+		{"exit 124 is a failure, not emergency mode", "exit124.service", nil, 1, "FAIL: test exited with status 124 "},
+		{"killed by SIGKILL", "sigkill.service", nil, 1, "FAIL: test killed by signal SIGKILL "},
+		{"isolating emergency.target", "isolate-emergency.service", nil, 1, "FAIL: guest fell into emergency mode"},
+		{"expected failure with the right reason", "fail.service", []string{"--expect-failure", "^test exited with status 3$"}, 0, "failed as expected"},
+		{"expected failure with the wrong reason", "fail.service", []string{"--expect-failure", "^guest kernel panicked"}, 1, "expected a failure matching"},
+		{"expected failure, but it passed", "boot.service", []string{"--expect-failure", "."}, 1, "but the test did not fail"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
+			// Two at a time: each VM spends most of its time in TCG.
+			t.Parallel()
 			r := startRun(t, append(tt.args, testUnitPath(tt.unit))...)
 			r.wait(t)
 			assert.Equal(t, tt.wantCode, r.exitCode)
@@ -393,7 +405,10 @@ func TestE2EShell(t *testing.T) {
 	cmd.Stdout, cmd.Stderr = &stdout, &stderr
 	err := cmd.Run()
 	t.Logf("stdout:\n%s\nstderr:\n%s", stdout.String(), stderr.String())
-	require.NoError(t, err)
+	var ee *exec.ExitError
+	require.ErrorAs(t, err, &ee)
+	assert.Equal(t, 77, ee.ExitCode(), "a test that did not run never passes, whatever the shell's status")
+	assert.Contains(t, stderr.String(), "shell mode: the test unit was installed but not run")
 	assert.Contains(t, stdout.String(), "running\n", "the guest booted to a running system")
 	assert.Contains(t, stdout.String(), "inactive\n", "the test unit was not started")
 	assert.Contains(t, stdout.String(), "shell-done\n")
@@ -458,4 +473,64 @@ func writeTestFile(t *testing.T, path, content string) {
 	t.Helper()
 	require.NoError(t, os.MkdirAll(filepath.Dir(path), 0o755))
 	require.NoError(t, os.WriteFile(path, []byte(content), 0o644))
+}
+
+// TestE2ESameName runs two tests with one --name at once, as two Meson
+// test setups or a rerun racing a slow cleanup would: each gets its own
+// verdict, registry entry and journal.
+func TestE2ESameName(t *testing.T) {
+	requireE2E(t)
+	bin := vmharnessBinary(t)
+	dir := t.TempDir()
+	runtime, jdir := filepath.Join(dir, "run"), filepath.Join(dir, "journal")
+	type run struct {
+		unit   string
+		cmd    *exec.Cmd
+		stderr bytes.Buffer
+	}
+	runs := []*run{{unit: "boot.service"}, {unit: "fail.service"}}
+	for _, r := range runs {
+		r.cmd = exec.Command(bin, "run", "--name", "same", "--keep-journal", "always", "--journal-dir", jdir, testUnitPath(r.unit))
+		r.cmd.Env = append(os.Environ(), "VMHARNESS_RUNTIME_DIR="+runtime)
+		r.cmd.Stderr = &r.stderr
+		require.NoError(t, r.cmd.Start())
+		t.Cleanup(func() {
+			if r.cmd.ProcessState == nil {
+				r.cmd.Process.Kill()
+				r.cmd.Wait()
+			}
+		})
+	}
+	for _, r := range runs {
+		r.cmd.Wait()
+		t.Logf("%s:\n%s", r.unit, r.stderr.String())
+	}
+	assert.Equal(t, 0, runs[0].cmd.ProcessState.ExitCode(), "boot.service passes")
+	assert.Equal(t, 1, runs[1].cmd.ProcessState.ExitCode(), "fail.service fails")
+
+	// Whichever registered first is "same", the other "same-2"; each
+	// journal holds its own unit's run and not the other's.
+	nameOf := func(stderr string) string {
+		if strings.Contains(stderr, "vmharness: same-2:") {
+			return "same-2"
+		}
+		return "same"
+	}
+	n0, n1 := nameOf(runs[0].stderr.String()), nameOf(runs[1].stderr.String())
+	require.NotEqual(t, n0, n1, "two live runs never share a name")
+	for _, c := range []struct{ name, own, other string }{{n0, "boot.service", "fail.service"}, {n1, "fail.service", "boot.service"}} {
+		file := filepath.Join(jdir, c.name+".journal")
+		own, err := exec.Command("journalctl", "--file="+file, "-u", c.own, "-o", "cat").CombinedOutput()
+		require.NoError(t, err, "%s", own)
+		assert.NotEmpty(t, strings.TrimSpace(string(own)), "%s holds %s's log", file, c.own)
+		other, err := exec.Command("journalctl", "--file="+file, "-u", c.other, "-o", "cat").CombinedOutput()
+		require.NoError(t, err, "%s", other)
+		assert.Empty(t, strings.TrimSpace(string(other)), "%s holds nothing of %s", file, c.other)
+		assert.FileExists(t, filepath.Join(jdir, c.name+".console.log"))
+	}
+	reg, err := registry.Open(runtime)
+	require.NoError(t, err)
+	entries, err := reg.List()
+	require.NoError(t, err)
+	assert.Empty(t, entries, "both runs removed their own entries")
 }

@@ -145,7 +145,7 @@ func (v *Verdict) notify(m Notify) Step {
 		step.Ready = true
 	}
 	if target, ok := m["X_SYSTEMD_UNIT_ACTIVE"]; ok {
-		if v.shutdown != "" {
+		if rebooting(v.shutdown) && !shutdownTargets[target] {
 			// PID 1 of a new boot: what the last one said is history.
 			v.newBoot()
 		}
@@ -157,7 +157,7 @@ func (v *Verdict) notify(m Notify) Step {
 		if v.emergency != "rescue.target" {
 			v.emergency = "emergency.target"
 		}
-	} else if m["READY"] == "1" && v.shutdown != "" {
+	} else if m["READY"] == "1" && rebooting(v.shutdown) {
 		v.newBoot()
 	}
 	if r, ok := m[FieldTestResult]; ok && !rebooting(v.shutdown) {
@@ -199,6 +199,15 @@ func (v *Verdict) notify(m Notify) Step {
 
 func (v *Verdict) newBoot() {
 	v.shutdown, v.exitStatus, v.unit, v.emergency = "", nil, nil, ""
+}
+
+// shutdownTargets are reached while a guest shuts down. Each notify
+// message is its own connection, so one of them can arrive after the final
+// shutdown message it preceded; it does not mean a new boot.
+var shutdownTargets = map[string]bool{
+	"shutdown.target": true, "umount.target": true, "final.target": true,
+	"reboot.target": true, "poweroff.target": true, "halt.target": true,
+	"kexec.target": true, "exit.target": true, "soft-reboot.target": true,
 }
 
 // rebooting reports whether a shutdown of this kind boots the guest again.

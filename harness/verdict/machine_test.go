@@ -235,6 +235,18 @@ func TestOutcome(t *testing.T) {
 			wantCode: ExitPass,
 		},
 		{
+			name:     "a boot-progress message overtaken by the final one is no new boot",
+			events:   []Event{report("success", "exited", "0"), poweroff("123"), booted, qemuOK},
+			wantCode: ExitPass,
+		},
+		{
+			name: "a shutdown target reported after the reboot message is still the old boot",
+			events: []Event{booted, report("exit-code", "exited", "1"), reboot("1"),
+				Notify{"X_SYSTEMD_UNIT_ACTIVE": "final.target"}, report("success", "exited", "0"), qemuOK},
+			wantCode:   ExitFail,
+			wantReason: "VM powered off before the test finished",
+		},
+		{
 			name:       "rebooting and then gone: no result",
 			events:     []Event{booted, report("success", "exited", "0"), reboot("123"), qemuOK},
 			wantCode:   ExitFail,
