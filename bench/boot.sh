@@ -13,7 +13,7 @@ runs=${1:-5}
 
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
-go build -o "$work/vmharness" ./runner
+go build -o "$work/vmharness" .
 image=$("$work/vmharness" image build 2>/dev/null | tail -n1)
 unit=bench/trivial.service
 

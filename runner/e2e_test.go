@@ -1,4 +1,4 @@
-package main
+package runner
 
 import (
 	"bytes"
@@ -44,7 +44,7 @@ func vmharnessBinary(t *testing.T) string {
 			return
 		}
 		binPath = filepath.Join(dir, "vmharness")
-		out, err := exec.Command("go", "build", "-o", binPath, ".").CombinedOutput()
+		out, err := exec.Command("go", "build", "-o", binPath, "..").CombinedOutput()
 		if err != nil {
 			buildErr = &buildError{out: string(out), err: err}
 		}

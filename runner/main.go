@@ -1,9 +1,11 @@
-// Command vmharness runs integration tests in QEMU VMs booted from a shared
-// cached image, and offers the tools to inspect those VMs (ps, ssh, stop).
+// Package runner is the vmharness command line: it runs integration tests
+// in QEMU VMs booted from a shared cached image, and offers the tools to
+// inspect those VMs (ps, ssh, stop). The binary is the module's root
+// package (go install github.com/vmharness/vmharness@latest).
 //
 // Exit codes follow Meson's convention: 0 pass, 77 skip, 99 harness error,
 // anything else a test failure.
-package main
+package runner
 
 import (
 	"context"
@@ -51,13 +53,16 @@ func commands() []command {
 	}
 }
 
-func main() {
+// Main runs the vmharness command line (args without the program name)
+// with the process's own streams and environment and returns the exit
+// code. The vmharness binary is the module's root package, which calls it.
+func Main(args []string) int {
 	env := &cliEnv{stdin: os.Stdin, stdout: os.Stdout, stderr: os.Stderr, getenv: os.Getenv}
 	if err := prepareKeeperProcess(env.getenv); err != nil {
 		fmt.Fprintf(env.stderr, "vmharness: %v\n", err)
-		os.Exit(exitHarnessError)
+		return exitHarnessError
 	}
-	os.Exit(dispatch(env, os.Args[1:]))
+	return dispatch(env, args)
 }
 
 func dispatch(env *cliEnv, args []string) int {
