@@ -158,9 +158,9 @@ func TestE2EExitCodes(t *testing.T) {
 		{"exit 124 is a failure, not emergency mode", "exit124.service", nil, 1, "FAIL: test exited with status 124 "},
 		{"killed by SIGKILL", "sigkill.service", nil, 1, "FAIL: test killed by signal SIGKILL "},
 		{"isolating emergency.target", "isolate-emergency.service", nil, 1, "FAIL: guest fell into emergency mode"},
-		{"expected failure with the right reason", "fail.service", []string{"--expect-failure", "^test exited with status 3$"}, 0, "failed as expected"},
-		{"expected failure with the wrong reason", "fail.service", []string{"--expect-failure", "^guest kernel panicked"}, 1, "expected a failure matching"},
-		{"expected failure, but it passed", "boot.service", []string{"--expect-failure", "."}, 1, "but the test did not fail"},
+		{"expect right reason", "fail.service", []string{"--expect-failure", "^test exited with status 3$"}, 0, "failed as expected"},
+		{"expect wrong reason", "fail.service", []string{"--expect-failure", "^guest kernel panicked"}, 1, "expected a failure matching"},
+		{"expect fail, passed", "boot.service", []string{"--expect-failure", "."}, 1, "but the test did not fail"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
