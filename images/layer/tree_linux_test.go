@@ -54,6 +54,9 @@ func TestScanRefuses(t *testing.T) {
 		{name: "run", make: func(t *testing.T, root string) {
 			writeFile(t, filepath.Join(root, "run/hello/pid"), "1", 0o644)
 		}, want: "/run is a tmpfs in the guest"},
+		{name: "tmp", make: func(t *testing.T, root string) {
+			writeFile(t, filepath.Join(root, "tmp/x"), "x", 0o644)
+		}, want: "/tmp is a tmpfs in the guest"},
 		{name: "var/run", make: func(t *testing.T, root string) {
 			writeFile(t, filepath.Join(root, "var/run/hello.pid"), "1", 0o644)
 		}, want: "the install tree has /var/run, but /var/run is a symlink to /run (a tmpfs) in the guest"},
