@@ -25,8 +25,6 @@ type Options struct {
 	CacheDir string
 	// Logf receives progress lines; nil discards them.
 	Logf func(format string, args ...any)
-	// Meson is the meson command; empty means "meson" from $PATH.
-	Meson string
 }
 
 // Cache paths below CacheDir.
@@ -69,7 +67,7 @@ func Build(ctx context.Context, o Options) (path string, release func(), err err
 		return "", nil, err
 	}
 	defer stage.remove()
-	if err := mesonInstall(ctx, o.Meson, buildDir, stage.dir); err != nil {
+	if err := mesonInstall(ctx, buildDir, stage.dir); err != nil {
 		return "", nil, err
 	}
 	t, err := scan(stage.dir)
@@ -129,11 +127,9 @@ func checkBuildDir(dir string) (string, error) {
 
 // mesonInstall runs meson install into destdir. The umask is fixed so a
 // project with install_umask=preserve gives the same layer for every user.
-func mesonInstall(ctx context.Context, meson, buildDir, destdir string) error {
-	if meson == "" {
-		meson = "meson"
-	}
-	if _, err := exec.LookPath(meson); err != nil {
+func mesonInstall(ctx context.Context, buildDir, destdir string) error {
+	meson, err := exec.LookPath("meson")
+	if err != nil {
 		return fmt.Errorf("meson install: %w (install meson)", err)
 	}
 	cmd := exec.CommandContext(ctx, "/bin/sh", "-c", `umask 022 && exec "$@"`, "sh",
