@@ -2,7 +2,6 @@ package layer
 
 import (
 	"bytes"
-	"context"
 	"fmt"
 	"os"
 	"os/exec"
@@ -43,9 +42,9 @@ func vmharness(t *testing.T) string {
 			return
 		}
 		runnerBin = filepath.Join(dir, "vmharness")
-		out, err := exec.Command("go", "build", "-o", runnerBin, "../../runner").CombinedOutput()
+		out, err := exec.Command("go", "build", "-o", runnerBin, "../..").CombinedOutput()
 		if err != nil {
-			runnerErr = fmt.Errorf("go build ../../runner: %w: %s", err, out)
+			runnerErr = fmt.Errorf("go build ../..: %w: %s", err, out)
 		}
 	})
 	require.NoError(t, runnerErr)
@@ -60,13 +59,13 @@ func layerQEMUArgs(path string) []string {
 	}
 }
 
-// runVM runs unit in a VM with the layer attached and returns the runner's
-// exit code, its stderr and the console log.
-func runVM(t *testing.T, layerPath, unit string) (code int, stderr, console string) {
+// runVM runs unit in a VM with the extra run arguments and returns the
+// runner's exit code, its stderr and the console log.
+func runVM(t *testing.T, extra []string, unit string) (code int, stderr, console string) {
 	t.Helper()
 	dir := t.TempDir()
 	jdir := filepath.Join(dir, "journal")
-	args := append([]string{"run", "--journal-dir", jdir, "--keep-journal", "always"}, layerQEMUArgs(layerPath)...)
+	args := append([]string{"run", "--timeout", "8m", "--journal-dir", jdir, "--keep-journal", "always"}, extra...)
 	cmd := exec.Command(vmharness(t), append(args, unit)...)
 	cmd.Env = append(os.Environ(), "VMHARNESS_RUNTIME_DIR="+filepath.Join(dir, "run"))
 	var errBuf bytes.Buffer
@@ -83,9 +82,9 @@ func runVM(t *testing.T, layerPath, unit string) (code int, stderr, console stri
 	return cmd.ProcessState.ExitCode(), errBuf.String(), string(log)
 }
 
-// TestE2ELayer boots a guest with the layer of testdata/e2e's install
-// tree: its generator must have run at boot, its unit must start, its
-// files must be root's with their modes, and replace the base's.
+// TestE2ELayer runs `vmharness run --build-dir` on testdata/e2e's build:
+// its generator must have run at boot, its unit must start, its files
+// must be root's with their modes, and replace the base's.
 func TestE2ELayer(t *testing.T) {
 	requireE2E(t)
 	src, err := filepath.Abs("testdata/e2e")
@@ -93,11 +92,9 @@ func TestE2ELayer(t *testing.T) {
 	build := filepath.Join(t.TempDir(), "build")
 	out, err := exec.Command("meson", "setup", "--prefix=/usr", build, src).CombinedOutput()
 	require.NoError(t, err, "%s", out)
-	path, release, err := Build(context.Background(), Options{BuildDir: build, CacheDir: t.TempDir(), Logf: t.Logf})
-	require.NoError(t, err)
-	defer release()
 
-	code, _, console := runVM(t, path, filepath.Join(src, "check.service"))
+	code, stderr, console := runVM(t, []string{"--build-dir", build}, filepath.Join(src, "check.service"))
+	assert.NotContains(t, stderr, "FAIL")
 	if !assert.Equal(t, 0, code, "the check unit must pass") {
 		t.Logf("console:\n%s", console)
 	}
@@ -126,11 +123,47 @@ func TestE2ELayerBroken(t *testing.T) {
 
 	unit := filepath.Join(t.TempDir(), "never.service")
 	require.NoError(t, os.WriteFile(unit, []byte("[Service]\nType=oneshot\nExecStart=/bin/true\n"), 0o644))
-	code, stderr, console := runVM(t, broken, unit)
+	code, stderr, console := runVM(t, layerQEMUArgs(broken), unit)
 	assert.Equal(t, 1, code, "a guest that cannot apply its layer fails the test")
+	assert.Contains(t, stderr, "FAIL: the build-tree layer could not be applied: vmharness-layer: extracting")
 	assert.Contains(t, console, "vmharness-layer: extracting /dev/vd")
 	assert.Contains(t, console, "cannot remove current usr/lib/systemd/system: Directory not empty")
 	assert.Contains(t, console, "the build-tree layer was not applied, stopping the boot")
 	assert.Contains(t, stderr, "vmharness-layer: extracting", "the reason is in the console tail the run prints")
 	assert.NotContains(t, console, "systemd[1]", "the base never booted")
+}
+
+// TestE2EBuildDirBadInput: a --build-dir that cannot become a layer is a
+// harness error (99) with one line, before any VM starts.
+func TestE2EBuildDirBadInput(t *testing.T) {
+	requireE2E(t)
+	unit := filepath.Join(t.TempDir(), "never.service")
+	require.NoError(t, os.WriteFile(unit, []byte("[Service]\nType=oneshot\nExecStart=/bin/true\n"), 0o644))
+	failing := filepath.Join(t.TempDir(), "src")
+	require.NoError(t, os.MkdirAll(failing, 0o755))
+	require.NoError(t, os.WriteFile(filepath.Join(failing, "meson.build"),
+		[]byte("project('failing')\nmeson.add_install_script('sh', '-c', 'echo install script exploded >&2; exit 3')\n"), 0o644))
+	failingBuild := filepath.Join(t.TempDir(), "build")
+	out, err := exec.Command("meson", "setup", failingBuild, failing).CombinedOutput()
+	require.NoError(t, err, "%s", out)
+	tests := []struct {
+		name, dir, want string
+	}{
+		{"not a build dir", t.TempDir(), "is not a Meson build directory"},
+		{"missing", "/nonexistent/build", "/nonexistent/build"},
+		{"meson install fails", failingBuild, "install script exploded"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			cmd := exec.Command(vmharness(t), "run", "--build-dir", tt.dir, unit)
+			cmd.Env = append(os.Environ(), "VMHARNESS_RUNTIME_DIR="+filepath.Join(t.TempDir(), "run"))
+			out, err := cmd.CombinedOutput()
+			var ee *exec.ExitError
+			require.ErrorAs(t, err, &ee, "%s", out)
+			assert.Equal(t, 99, ee.ExitCode(), "%s", out)
+			assert.Contains(t, string(out), tt.want)
+			assert.Contains(t, string(out), "vmharness run: --build-dir: ")
+			assert.NotContains(t, string(out), "booting", "no VM starts")
+		})
+	}
 }
