@@ -58,6 +58,21 @@ type Summary struct {
 
 	// UnitResult is TestUnit's result as PID 1 logged it in the last boot.
 	UnitResult UnitResult
+
+	// Coredumps are the core dumps systemd-coredump logged, in all boots,
+	// one per crashed executable in the order first seen (findings.go);
+	// CoredumpsOmitted counts the dumps of executables past the first
+	// maxCoredumpExes. UntrustedCoredumps counts entries with the core
+	// dump MESSAGE_ID that systemd-coredump did not send; they are
+	// ignored.
+	Coredumps          []Coredump
+	CoredumpsOmitted   int
+	UntrustedCoredumps int
+	// SanitizerReports are the sanitizer reports in the journal's
+	// messages, one per program; SanitizerReportsOmitted counts the
+	// reports of programs past the first maxSanitizerPrograms.
+	SanitizerReports        []SanitizerReport
+	SanitizerReportsOmitted int
 }
 
 // UnitResult is a unit's result from PID 1's structured log messages:
@@ -237,10 +252,11 @@ type summarizer struct {
 	// unitResults holds the unit's result per canonical boot ID (at most
 	// maxBoots); the last boot's is the one that counts.
 	unitResults map[string]*UnitResult
+	found       findings
 }
 
 func newSummarizer(unit string, lines int) *summarizer {
-	return &summarizer{unit: unit, ring: make([]unitLine, lines), problems: make(map[string]int), unitResults: make(map[string]*UnitResult)}
+	return &summarizer{unit: unit, ring: make([]unitLine, lines), problems: make(map[string]int), unitResults: make(map[string]*UnitResult), found: newFindings()}
 }
 
 func (s *summarizer) connection() int {
@@ -280,7 +296,9 @@ type fieldsOfInterest struct {
 	systemdUnit, unit, objectUnit, coredumpUnit, pid, uid, messageID,
 	message, transport, identifier, comm, syslogPID []byte
 	exitCode, exitStatus, command, unitResult []byte
-	haveMessage                               bool
+	coredumpExe, coredumpComm, coredumpPID,
+	coredumpSignal, coredumpSignalName, priority []byte
+	haveMessage bool
 }
 
 func (s *summarizer) observe(e *Entry, info entryInfo) {
@@ -320,6 +338,18 @@ func (s *summarizer) observe(e *Entry, info entryInfo) {
 			f.command = value
 		case "UNIT_RESULT":
 			f.unitResult = value
+		case "COREDUMP_EXE":
+			f.coredumpExe = value
+		case "COREDUMP_COMM":
+			f.coredumpComm = value
+		case "COREDUMP_PID":
+			f.coredumpPID = value
+		case "COREDUMP_SIGNAL":
+			f.coredumpSignal = value
+		case "COREDUMP_SIGNAL_NAME":
+			f.coredumpSignalName = value
+		case "PRIORITY":
+			f.priority = value
 		}
 	}
 
@@ -338,9 +368,13 @@ func (s *summarizer) observe(e *Entry, info entryInfo) {
 	if info.bootID != nil {
 		s.noteBoot(info.bootID)
 	}
+	if string(f.messageID) == coredumpMessageID {
+		s.found.noteCoredump(&f)
+	}
 	if !f.haveMessage {
 		return
 	}
+	s.found.scanSanitizer(&f)
 	if s.unit != "" && string(f.pid) == "1" && string(f.unit) == s.unit {
 		s.noteUnitResult(&f)
 	}
@@ -562,6 +596,7 @@ func (s *summarizer) snapshot() Summary {
 	out.Boots = append([]string(nil), s.sum.Boots...)
 	out.Problems = append([]Problem(nil), s.sum.Problems...)
 	out.StreamErrors = append([]string(nil), s.sum.StreamErrors...)
+	s.found.snapshot(&out)
 	if n := len(s.sum.Boots); n > 0 {
 		if r := s.unitResults[s.sum.Boots[n-1]]; r != nil {
 			out.UnitResult = *r
