@@ -65,6 +65,18 @@ type GuestSetup struct {
 // layer (images/default's init-bottom/vmharness-layer).
 const LayerMarker = "/run/vmharness-layer"
 
+// waitForCoredumps waits until no core dump is in progress: no
+// systemd-coredump process (the kernel's helper, which collects the
+// crashed process's metadata, or a service instance) and no connection to
+// systemd-coredump.socket (accepted, its instance not yet started). It
+// waits 3 minutes at most (900 times 0.2 s): under TCG a small process's
+// dump takes 5-10 s. A shell script for a unit file, where "$$" is "$".
+const waitForCoredumps = `i=0; ` +
+	`while pgrep -f "^/usr/lib/systemd/systemd-coredump" >/dev/null || ` +
+	`test "$$(systemctl show -P NConnections systemd-coredump.socket 2>/dev/null)" -gt 0 2>/dev/null; do ` +
+	`if test $$i -ge 900; then echo "vmharness: systemd-coredump is still busy after 3 minutes; a core dump may be missing from the journal"; exit 0; fi; ` +
+	`i=$$((i+1)); sleep 0.2; done`
+
 // Files returns the credentials that install the protocol: the test unit's
 // drop-in, the condition check, and the emergency-exit unit with the
 // drop-ins that pull it in.
@@ -98,6 +110,15 @@ StandardError=journal+console
 # the limit is set out of reach instead.
 LogRateLimitIntervalSec=1s
 LogRateLimitBurst=1000000000
+# A core dump is processed by a systemd-coredump@ instance of
+# systemd-coredump.socket, which logs it when done (5-10 s under TCG).
+# A crashed process of this unit is gone, and its dump logged, before
+# ExecStopPost= runs (the kernel holds the process until its dump is
+# read, and PID 1 waits for the unit's processes), but a crash elsewhere
+# may still be in progress: wait for it, so that the success action does
+# not power the VM off before its dump is in the journal. Without
+# systemd-coredump in the image there is nothing to wait for.
+ExecStopPost=-+/bin/sh -c '%[9]s'
 # journald may still be working through the unit's output when it exits
 # (under TCG it forwards a few hundred lines a second); the success or
 # failure action would power the VM off and lose the rest. --sync returns
@@ -110,7 +131,7 @@ ExecStopPost=-+%[3]s %[4]s=${SERVICE_RESULT} %[6]s=${EXIT_CODE} %[7]s=${EXIT_STA
 # journald may need longer than that for a chatty test under TCG; the
 # harness's own --timeout bounds the whole run instead.
 TimeoutStopSec=infinity
-`, GuestStatusPass, failureAction, notify, FieldTestResult, ConditionCheckUnit, FieldTestExitCode, FieldTestExitStatus, requireLayer)
+`, GuestStatusPass, failureAction, notify, FieldTestResult, ConditionCheckUnit, FieldTestExitCode, FieldTestExitStatus, requireLayer, waitForCoredumps)
 
 	// Runs once the test unit's start job is over; it only acts when the
 	// unit never ran. A test that ran has fired its success or failure

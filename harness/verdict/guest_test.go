@@ -26,6 +26,9 @@ func TestGuestSetupFiles(t *testing.T) {
 	assert.Regexp(t, `(?s)ExecStopPost=-\+/usr/bin/journalctl --sync\n.*ExecStopPost=-\+/usr/bin/env NOTIFY_SOCKET=vsock-stream:2:9 /usr/bin/systemd-notify --no-block `+
 		`X_VMHARNESS_TEST_RESULT=\$\{SERVICE_RESULT\} X_VMHARNESS_TEST_EXIT_CODE=\$\{EXIT_CODE\} X_VMHARNESS_TEST_EXIT_STATUS=\$\{EXIT_STATUS\}\n`, dropin)
 	assert.NotContains(t, dropin, "Environment=", "the test's own processes must not see the host's notify socket")
+	// Core dumps in progress are waited for before the journal sync, so
+	// that they reach the host's journal.
+	assert.Regexp(t, `(?s)ExecStopPost=-\+/bin/sh -c 'i=0; while pgrep -f "\^/usr/lib/systemd/systemd-coredump" >/dev/null \|\| test "\$\$\(systemctl show -P NConnections systemd-coredump.socket 2>/dev/null\)" -gt 0 .*'\n.*ExecStopPost=-\+/usr/bin/journalctl --sync\n`, dropin)
 
 	check := plain["systemd.extra-unit."+ConditionCheckUnit]
 	assert.Contains(t, check, "[Unit]\nDescription=Report a vmharness test unit that did not run\nAfter=t.service\nFailureAction=exit\nFailureActionExitStatus=77\n\n[Service]\n",

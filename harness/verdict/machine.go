@@ -91,6 +91,9 @@ type Config struct {
 	// TestNotStarted is shell mode: the guest boots with the test unit
 	// installed but not started, so the test has no result.
 	TestNotStarted bool
+	// Exclude are the core dumps and sanitizer reports that do not fail
+	// the test (JournalFindings).
+	Exclude Exclusions
 }
 
 // Verdict decides a test's outcome. Feed it every event with Handle, then
@@ -109,6 +112,8 @@ type Verdict struct {
 	stopped *Stopped
 	qemu    *QEMUExited
 	journal *JournalUnitResult
+	// findings are the journal's core dumps and sanitizer reports.
+	findings *JournalFindings
 }
 
 // New returns a verdict for a run configured as cfg.
@@ -133,6 +138,8 @@ func (v *Verdict) Handle(e Event) Step {
 		}
 	case JournalUnitResult:
 		v.journal = &e
+	case JournalFindings:
+		v.findings = &e
 	}
 	return Step{}
 }
@@ -223,6 +230,11 @@ func rebooting(shutdown string) bool {
 // meant to be read once QEMU has exited (and, if there is one, the journal
 // is complete), but is defined at any point.
 func (v *Verdict) Outcome() Outcome {
+	return v.withFindings(v.outcome())
+}
+
+// outcome is the outcome before the journal's findings (findings.go).
+func (v *Verdict) outcome() Outcome {
 	if v.held != nil {
 		return *v.held
 	}
