@@ -70,6 +70,9 @@ type Config struct {
 	// Layer, if set, is a build-tree layer archive (images/layer) the
 	// guest's initrd unpacks over the root file system before PID 1.
 	Layer string
+	// Exclude are the core dumps and sanitizer reports that do not fail
+	// the test (verdict.JournalFindings).
+	Exclude verdict.Exclusions
 	// OnReady is called once when the guest reports READY=1 (boot done).
 	OnReady func()
 	Logf    func(format string, args ...any)
@@ -89,10 +92,13 @@ type Result struct {
 	verdict *verdict.Verdict
 }
 
-// Judge completes the verdict with the test unit's result as recorded in
-// its journal, once the journal is complete, and returns the outcome.
-func (r *Result) Judge(j verdict.JournalUnitResult) Outcome {
-	r.verdict.Handle(j)
+// Judge completes the verdict with what the complete journal holds (the
+// test unit's result as recorded there, its core dumps and sanitizer
+// reports), and returns the outcome.
+func (r *Result) Judge(journal ...verdict.Event) Outcome {
+	for _, e := range journal {
+		r.verdict.Handle(e)
+	}
 	r.Outcome = r.verdict.Outcome()
 	return r.Outcome
 }
@@ -161,7 +167,7 @@ func NewMachine(ctx context.Context, cfg Config) (*Machine, error) {
 	}()
 	notifyAddr := fmt.Sprintf("vsock-stream:%d:%d", vsock.HostCID, notifyPort)
 	guest := verdict.GuestSetup{Unit: cfg.Unit.Name, NotifyAddress: notifyAddr, KeepOnFailure: cfg.KeepOnFailure != nil, RequireLayer: cfg.Layer != ""}
-	m.verdict = verdict.New(verdict.Config{KeepOnFailure: guest.KeepOnFailure, TestNotStarted: cfg.SkipTestUnit})
+	m.verdict = verdict.New(verdict.Config{KeepOnFailure: guest.KeepOnFailure, TestNotStarted: cfg.SkipTestUnit, Exclude: cfg.Exclude})
 	creds := testUnitCredentials(cfg.Unit, guest)
 	creds = append(creds, Credential{Name: "vmm.notify_socket", Value: []byte(notifyAddr)})
 	creds = append(creds, cfg.Credentials...)

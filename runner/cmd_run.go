@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/vmharness/vmharness/harness"
+	"github.com/vmharness/vmharness/harness/verdict"
 )
 
 // runOptions are the flags of `vmharness run`. The flag set is the stable
@@ -36,6 +37,8 @@ type runOptions struct {
 	// fails with a reason this matches.
 	expectFailure *regexp.Regexp
 	unitPath      string
+	// exclude is --coredump-exclude and --sanitizer-exclude (findings.go).
+	exclude verdict.Exclusions
 }
 
 // stringList is a repeatable string flag.
@@ -64,6 +67,8 @@ func parseRunFlags(env *cliEnv, args []string) (*runOptions, error) {
 	fs.StringVar(&o.recipe, "recipe", "", "image recipe file (default: $VMHARNESS_RECIPE, else the built-in default image)")
 	fs.StringVar(&o.buildDir, "build-dir", env.getenv("VMHARNESS_BUILD_DIR"), "Meson build directory to install into the guest's root before it boots (env VMHARNESS_BUILD_DIR)")
 	expectFailure := fs.String("expect-failure", "", "the test is expected to fail with a reason matching this regular expression: exit 0 if it does, 1 otherwise")
+	coredumpExclude := fs.String("coredump-exclude", "", "core dumps of executables whose path matches this regular expression do not fail the test")
+	sanitizerExclude := fs.String("sanitizer-exclude", "", "sanitizer reports of programs whose name matches this regular expression do not fail the test")
 	if keepVM != "" {
 		d, err := parseKeepDuration(keepVM)
 		if err != nil {
@@ -85,6 +90,11 @@ func parseRunFlags(env *cliEnv, args []string) (*runOptions, error) {
 		}
 		o.expectFailure = re
 	}
+	exclude, err := parseExclusions(*coredumpExclude, *sanitizerExclude)
+	if err != nil {
+		return nil, err
+	}
+	o.exclude = exclude
 	if o.memoryMiB < 256 || o.cpus < 1 {
 		return nil, errors.New("--memory must be at least 256 and --cpus at least 1")
 	}

@@ -201,6 +201,7 @@ func (r *testRun) run(ctx context.Context) int {
 		ConsoleLog:    consoleLog,
 		Transport:     transport,
 		Layer:         layer,
+		Exclude:       opts.exclude,
 		Timeout:       opts.timeout,
 		BootTimeout:   bootTimeout,
 		SkipTestUnit:  opts.interactive,
@@ -228,7 +229,7 @@ func (r *testRun) run(ctx context.Context) int {
 	// The journal is complete: its record of the test unit's result is the
 	// verdict's cross-check (and its fallback should the unit's own report
 	// have been lost).
-	outcome := res.Judge(journal.unitResult())
+	outcome := res.Judge(journal.unitResult(), journal.findings())
 	if shellDone != nil {
 		select {
 		case err := <-shellDone:
@@ -349,6 +350,7 @@ func (r *testRun) report(name string, unit harness.TestUnit, res *harness.Result
 		r.logf("last console lines:\n%s", indent(strings.Join(tail, "\n")))
 	}
 	journal.summary(r.env.stderr)
+	journal.writeFindings(r.env.stderr, r.opts.exclude)
 	if o.ExitCode != harness.ExitHarnessError {
 		r.logf("to get a shell in this test's VM after it fails, rerun it with VMHARNESS_KEEP_FAILED_VM=30m (meson test --setup=keep %s)", name)
 	}
