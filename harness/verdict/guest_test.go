@@ -28,7 +28,7 @@ func TestGuestSetupFiles(t *testing.T) {
 	assert.NotContains(t, dropin, "Environment=", "the test's own processes must not see the host's notify socket")
 	// Core dumps in progress are waited for before the journal sync, so
 	// that they reach the host's journal.
-	assert.Regexp(t, `(?s)ExecStopPost=-\+/bin/sh -c 'i=0; while pgrep -f "\^/usr/lib/systemd/systemd-coredump" >/dev/null \|\| test "\$\$\(systemctl show -P NConnections systemd-coredump.socket 2>/dev/null\)" -gt 0 .*'\n.*ExecStopPost=-\+/usr/bin/journalctl --sync\n`, dropin)
+	assert.Regexp(t, `(?s)ExecStopPost=-\+/bin/sh -c 'i=0; while grep -qs "\^CoreDumping:\[\[:space:\]\]\*1" /proc/\[0-9\]\*/status; do .*'\n.*ExecStopPost=-\+/usr/bin/journalctl --sync\n`, dropin)
 
 	check := plain["systemd.extra-unit."+ConditionCheckUnit]
 	assert.Contains(t, check, "[Unit]\nDescription=Report a vmharness test unit that did not run\nAfter=t.service\nFailureAction=exit\nFailureActionExitStatus=77\n\n[Service]\n",
