@@ -67,6 +67,13 @@ type Config struct {
 	// returns only when QEMU exits, the time is up or ctx ends, with the
 	// test's failure as the outcome. Returning 0 stops the VM at once.
 	KeepOnFailure func(o Outcome) time.Duration
+	// JournalHas reports whether the test's journal has the marker entry
+	// the test unit logs before its report (verdict.JournalMarkerIdentifier);
+	// a decided run waits for it before stopping the VM. Nil: no journal.
+	JournalHas func(marker string) bool
+	// FullShutdown lets the guest shut down by itself after the test
+	// instead of stopping the VM as soon as the outcome is decided.
+	FullShutdown bool
 	// Layer, if set, is a build-tree layer archive (images/layer) the
 	// guest's initrd unpacks over the root file system before PID 1.
 	Layer string
@@ -188,7 +195,7 @@ func NewMachine(ctx context.Context, cfg Config) (*Machine, error) {
 	}()
 	notifyAddr := fmt.Sprintf("vsock-stream:%d:%d", vsock.HostCID, notifyPort)
 	guest := verdict.GuestSetup{Unit: cfg.Unit.Name, NotifyAddress: notifyAddr, KeepOnFailure: cfg.KeepOnFailure != nil, RequireLayer: cfg.Layer != ""}
-	m.verdict = verdict.New(verdict.Config{KeepOnFailure: guest.KeepOnFailure, TestNotStarted: cfg.SkipTestUnit})
+	m.verdict = verdict.New(verdict.Config{KeepOnFailure: guest.KeepOnFailure, TestNotStarted: cfg.SkipTestUnit, FullShutdown: cfg.FullShutdown})
 	creds := testUnitCredentials(cfg.Unit, guest)
 	creds = append(creds, Credential{Name: "vmm.notify_socket", Value: []byte(notifyAddr)})
 	creds = append(creds, cfg.Credentials...)
@@ -412,7 +419,7 @@ drain:
 	for {
 		select {
 		case msg := <-msgs:
-			m.verdict.Handle(msg)
+			l.note(m.verdict.Handle(msg))
 		case <-grace:
 			break drain
 		}
@@ -420,7 +427,7 @@ drain:
 	stopNotify()
 	<-notifyDone
 	for len(msgs) > 0 {
-		m.verdict.Handle(<-msgs)
+		l.note(m.verdict.Handle(<-msgs))
 	}
 
 	l.timeline.QEMUExit = qemuGone
@@ -451,6 +458,35 @@ type runLoop struct {
 	keep           *time.Timer
 	slowBootLogged bool
 	timeline       Timeline
+	// Once the outcome is decided, the VM stops when the journal has
+	// marker, checked on journalWait's ticks until journalDeadline.
+	marker          string
+	journalWait     *time.Ticker
+	journalDeadline time.Time
+}
+
+// note records in the timeline when a phase ended.
+func (l *runLoop) note(step verdict.Step) {
+	now := time.Now()
+	if l.timeline.FirstMessage.IsZero() {
+		l.timeline.FirstMessage = now
+	}
+	if step.TestEnded {
+		l.timeline.TestEnd = now
+	}
+	if step.AwaitPowerOff {
+		l.timeline.ExitStatus = now
+	}
+	if step.Ready {
+		l.timeline.Ready = now
+	}
+}
+
+func tickerC(t *time.Ticker) <-chan time.Time {
+	if t == nil {
+		return nil
+	}
+	return t.C
 }
 
 func timerC(t *time.Timer) <-chan time.Time {
@@ -469,6 +505,9 @@ func (l *runLoop) run(ctx context.Context, msgs <-chan verdict.Notify) error {
 				t.Stop()
 			}
 		}
+		if l.journalWait != nil {
+			l.journalWait.Stop()
+		}
 	}()
 	stop := func(why verdict.StopReason, detail string) error {
 		m.verdict.Handle(verdict.Stopped{Why: why, Detail: detail})
@@ -480,21 +519,9 @@ func (l *runLoop) run(ctx context.Context, msgs <-chan verdict.Notify) error {
 			return err
 		case msg := <-msgs:
 			step := m.verdict.Handle(msg)
-			now := time.Now()
-			if l.timeline.FirstMessage.IsZero() {
-				l.timeline.FirstMessage = now
-			}
-			if step.TestEnded {
-				l.timeline.TestEnd = now
-			}
-			if step.AwaitPowerOff {
-				l.timeline.ExitStatus = now
-			}
-			if step.Ready {
-				l.timeline.Ready = now
-				if cfg.OnReady != nil {
-					cfg.OnReady()
-				}
+			l.note(step)
+			if step.Ready && cfg.OnReady != nil {
+				cfg.OnReady()
 			}
 			if step.AwaitPowerOff && l.powerOff == nil {
 				l.powerOff = time.NewTimer(30 * time.Second * cfg.Accel.TimeoutScale())
@@ -505,6 +532,17 @@ func (l *runLoop) run(ctx context.Context, msgs <-chan verdict.Notify) error {
 			}
 			if step.StopNow {
 				return stop(verdict.StopTestOver, "")
+			}
+			if step.Final && l.journalWait == nil {
+				// The outcome is decided: the guest's own shutdown
+				// (seconds under TCG) adds nothing once the test's journal
+				// is on the host.
+				if cfg.JournalHas == nil || step.JournalMarker == "" {
+					return stop(verdict.StopVerdictReached, "")
+				}
+				l.marker = step.JournalMarker
+				l.journalWait = time.NewTicker(20 * time.Millisecond)
+				l.journalDeadline = time.Now().Add(10 * time.Second * cfg.Accel.TimeoutScale())
 			}
 			if step.Hold != nil && cfg.KeepOnFailure != nil {
 				keepFor := cfg.KeepOnFailure(*step.Hold)
@@ -519,6 +557,14 @@ func (l *runLoop) run(ctx context.Context, msgs <-chan verdict.Notify) error {
 				}
 				l.timeout, l.bootTimer = nil, nil
 				l.keep = time.NewTimer(keepFor)
+			}
+		case <-tickerC(l.journalWait):
+			if cfg.JournalHas(l.marker) {
+				return stop(verdict.StopVerdictReached, "")
+			}
+			if time.Now().After(l.journalDeadline) {
+				cfg.Logf("%s: the test's journal marker did not arrive; stopping the VM without it", cfg.Name)
+				return stop(verdict.StopVerdictReached, "")
 			}
 		case <-timerC(l.keep):
 			cfg.Logf("%s: keep time is up, stopping the VM", cfg.Name)

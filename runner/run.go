@@ -201,6 +201,8 @@ func (r *testRun) run(ctx context.Context) int {
 		ConsoleLog:    consoleLog,
 		Transport:     transport,
 		Layer:         layer,
+		FullShutdown:  opts.fullShutdown,
+		JournalHas:    journal.hasMarker,
 		Timeout:       opts.timeout,
 		BootTimeout:   bootTimeout,
 		SkipTestUnit:  opts.interactive,
