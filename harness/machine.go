@@ -160,7 +160,7 @@ func NewMachine(ctx context.Context, cfg Config) (*Machine, error) {
 		}
 	}()
 	notifyAddr := fmt.Sprintf("vsock-stream:%d:%d", vsock.HostCID, notifyPort)
-	guest := verdict.GuestSetup{Unit: cfg.Unit.Name, NotifyAddress: notifyAddr, KeepOnFailure: cfg.KeepOnFailure != nil}
+	guest := verdict.GuestSetup{Unit: cfg.Unit.Name, NotifyAddress: notifyAddr, KeepOnFailure: cfg.KeepOnFailure != nil, RequireLayer: cfg.Layer != ""}
 	m.verdict = verdict.New(verdict.Config{KeepOnFailure: guest.KeepOnFailure, TestNotStarted: cfg.SkipTestUnit})
 	creds := testUnitCredentials(cfg.Unit, guest)
 	creds = append(creds, Credential{Name: "vmm.notify_socket", Value: []byte(notifyAddr)})

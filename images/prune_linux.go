@@ -14,6 +14,8 @@ import (
 	"syscall"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/vmharness/vmharness/images/layer"
 )
 
 // A run that boots a cached image holds a shared flock on the image's lock
@@ -91,11 +93,27 @@ var (
 )
 
 // Prune removes the images in the cache at cacheDir except those whose
-// directories are listed in keep, and the leftovers of killed builds.
-// Images a run is using and builds in progress are kept and reported.
-// Lock files stay: deleting a lock file others may have open would let
-// two builders of one key run at once.
+// directories are listed in keep, the build-tree layers no run holds
+// (layer.Prune), and the leftovers of killed builds. Images and layers a
+// run is using and builds in progress are kept and reported. Lock files
+// stay: deleting a lock file others may have open would let two builders
+// of one key run at once.
 func Prune(cacheDir string, keep []string) (*PruneReport, error) {
+	rep, err := pruneImages(cacheDir, keep)
+	if rep == nil {
+		rep = &PruneReport{}
+	}
+	removed, kept, layerErr := layer.Prune(cacheDir)
+	for _, e := range removed {
+		rep.Removed = append(rep.Removed, PrunedEntry{Dir: e.Path, Bytes: e.Bytes})
+	}
+	for _, e := range kept {
+		rep.Kept = append(rep.Kept, PrunedEntry{Dir: e.Path, Bytes: e.Bytes, Reason: e.Reason})
+	}
+	return rep, errors.Join(err, layerErr)
+}
+
+func pruneImages(cacheDir string, keep []string) (*PruneReport, error) {
 	imagesDir := filepath.Join(cacheDir, "images")
 	entries, err := os.ReadDir(imagesDir)
 	if errors.Is(err, fs.ErrNotExist) {

@@ -4,6 +4,7 @@ import (
 	"context"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -142,4 +143,25 @@ func TestHoldSharedWaitsForBuilder(t *testing.T) {
 	<-got
 	_, err = os.Stat(lock)
 	require.NoError(t, err)
+}
+
+// TestPruneLayers: image prune also removes the build-tree layers no run
+// holds (images/layer has the details).
+func TestPruneLayers(t *testing.T) {
+	cache := t.TempDir()
+	layers := filepath.Join(cache, "layers")
+	unused := filepath.Join(layers, strings.Repeat("a", 64)+".cpio")
+	held := filepath.Join(layers, strings.Repeat("b", 64)+".cpio")
+	writeFile(t, unused, "layer")
+	writeFile(t, held, "layer")
+	release, err := holdShared(strings.TrimSuffix(held, ".cpio")+".lock", true)
+	require.NoError(t, err)
+	defer release()
+
+	rep, err := Prune(cache, nil)
+	require.NoError(t, err)
+	assert.Equal(t, map[string]string{filepath.Base(unused): ""}, dirs(rep.Removed))
+	assert.Equal(t, map[string]string{filepath.Base(held): "in use by a run (or being written)"}, dirs(rep.Kept))
+	assert.NoFileExists(t, unused)
+	assert.FileExists(t, held)
 }

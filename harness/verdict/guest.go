@@ -55,7 +55,15 @@ type GuestSetup struct {
 	// KeepOnFailure replaces the failure action by "none", so a failed
 	// test's VM stays up; its result still reaches the host.
 	KeepOnFailure bool
+	// RequireLayer: a build-tree layer is attached, and the test must not
+	// run on the base image should the initrd not have applied it (an
+	// image without vmharness's initrd script, say).
+	RequireLayer bool
 }
+
+// LayerMarker is the file the initrd writes once it applied a build-tree
+// layer (images/default's init-bottom/vmharness-layer).
+const LayerMarker = "/run/vmharness-layer"
 
 // Files returns the credentials that install the protocol: the test unit's
 // drop-in, the condition check, and the emergency-exit unit with the
@@ -72,9 +80,13 @@ func (g GuestSetup) Files() []GuestFile {
 	// With systemd.unit=TEST.service nothing pulls in basic.target (a
 	// service is only ordered after it), so sockets.target and with it
 	// systemd-ssh-generator's sshd-vsock.socket would never start.
+	requireLayer := ""
+	if g.RequireLayer {
+		requireLayer = "AssertPathExists=" + LayerMarker + "\n"
+	}
 	dropin := fmt.Sprintf(`[Unit]
 Wants=basic.target %[5]s
-SuccessAction=exit
+%[8]sSuccessAction=exit
 SuccessActionExitStatus=%[1]d
 FailureAction=%[2]s
 
@@ -98,7 +110,7 @@ ExecStopPost=-+%[3]s %[4]s=${SERVICE_RESULT} %[6]s=${EXIT_CODE} %[7]s=${EXIT_STA
 # journald may need longer than that for a chatty test under TCG; the
 # harness's own --timeout bounds the whole run instead.
 TimeoutStopSec=infinity
-`, GuestStatusPass, failureAction, notify, FieldTestResult, ConditionCheckUnit, FieldTestExitCode, FieldTestExitStatus)
+`, GuestStatusPass, failureAction, notify, FieldTestResult, ConditionCheckUnit, FieldTestExitCode, FieldTestExitStatus, requireLayer)
 
 	// Runs once the test unit's start job is over; it only acts when the
 	// unit never ran. A test that ran has fired its success or failure
@@ -106,11 +118,11 @@ TimeoutStopSec=infinity
 	check := fmt.Sprintf(`[Unit]
 Description=Report a vmharness test unit that did not run
 After=%[1]s
+FailureAction=exit
+FailureActionExitStatus=%[2]d
 
 [Service]
 Type=oneshot
-FailureAction=exit
-FailureActionExitStatus=%[2]d
 ExecStart=/bin/sh -c '\
   show() { systemctl show -P "$$1" %[1]s; }; \
   test "$$(show ConditionTimestampMonotonic)" != 0 || exit 0; \

@@ -28,8 +28,8 @@ func TestGuestSetupFiles(t *testing.T) {
 	assert.NotContains(t, dropin, "Environment=", "the test's own processes must not see the host's notify socket")
 
 	check := plain["systemd.extra-unit."+ConditionCheckUnit]
-	assert.Contains(t, check, "After=t.service\n")
-	assert.Contains(t, check, "FailureActionExitStatus=77\n")
+	assert.Contains(t, check, "[Unit]\nDescription=Report a vmharness test unit that did not run\nAfter=t.service\nFailureAction=exit\nFailureActionExitStatus=77\n\n[Service]\n",
+		"the actions are [Unit] settings")
 	assert.Contains(t, check, "systemctl show -P \"$$1\" t.service")
 	assert.Contains(t, check, "X_VMHARNESS_TEST_RESULT=$$r")
 
@@ -42,4 +42,8 @@ func TestGuestSetupFiles(t *testing.T) {
 	assert.Contains(t, kept, "FailureAction=none\n")
 	assert.NotContains(t, kept, "FailureAction=exit")
 	assert.Contains(t, kept, "X_VMHARNESS_TEST_RESULT=${SERVICE_RESULT}")
+	assert.NotContains(t, dropin, "AssertPathExists")
+
+	layered := byName(GuestSetup{Unit: "t.service", NotifyAddress: "vsock-stream:2:9", RequireLayer: true}.Files())["systemd.unit-dropin.t.service"]
+	assert.Contains(t, layered, "\nAssertPathExists=/run/vmharness-layer\n", "a test of the project's build never runs on the base alone")
 }

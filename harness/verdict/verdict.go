@@ -117,7 +117,7 @@ func (u UnitResult) outcome() Outcome {
 	case ResultCondition:
 		return skip("test skipped: a condition of its unit was not met")
 	case ResultAssert:
-		return fail("test did not run: an assertion of its unit failed")
+		return fail("test did not run: an assertion of its unit failed (with --build-dir, also the check that the initrd applied the build-tree layer: " + LayerMarker + ")")
 	case "timeout":
 		return fail("test timed out (its unit's start timeout, TimeoutStartSec=)")
 	}

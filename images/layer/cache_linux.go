@@ -1,0 +1,144 @@
+package layer
+
+import (
+	"bufio"
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"io"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// layerPaths are the cache files of one layer key.
+type layerPaths struct {
+	dir, key string
+}
+
+func (l layerPaths) layer() string      { return filepath.Join(l.dir, l.key+layerExt) }
+func (l layerPaths) lockFile() string   { return filepath.Join(l.dir, l.key+lockExt) }
+func (l layerPaths) tmpPattern() string { return tmpPrefix + l.key + "-*" }
+
+// acquire makes sure the layer file exists, writing it from t if it does
+// not, and returns with a shared lock on the key's lock file that release
+// drops. Writers hold the lock exclusively, so the shared lock waits for a
+// concurrent writer of the same key and then finds its layer; Prune takes
+// it exclusively without waiting, so it never removes a layer in use.
+func (l layerPaths) acquire(ctx context.Context, logf func(string, ...any), t *tree) (built bool, release func(), err error) {
+	f, err := os.OpenFile(l.lockFile(), os.O_RDWR|os.O_CREATE, 0o644)
+	if err != nil {
+		return false, nil, fmt.Errorf("layer lock: %w", err)
+	}
+	defer func() {
+		if err != nil {
+			f.Close()
+		}
+	}()
+	// Prune may remove the layer between a writer publishing it and this
+	// run's shared lock; then write it again.
+	for attempt := 0; attempt < 3; attempt++ {
+		if err := l.flock(ctx, f, unix.LOCK_SH, logf); err != nil {
+			return false, nil, err
+		}
+		if _, err := os.Stat(l.layer()); err == nil {
+			return built, func() { f.Close() }, nil
+		}
+		// Two runs that both hold the shared lock and both ask for the
+		// exclusive one would wait for each other forever: let go first.
+		if err := unix.Flock(int(f.Fd()), unix.LOCK_UN); err != nil {
+			return false, nil, fmt.Errorf("layer lock %s: %w", l.lockFile(), err)
+		}
+		if err := l.flock(ctx, f, unix.LOCK_EX, logf); err != nil {
+			return false, nil, err
+		}
+		if _, err := os.Stat(l.layer()); errors.Is(err, fs.ErrNotExist) {
+			if err := l.write(t); err != nil {
+				return false, nil, err
+			}
+			built = true
+		}
+	}
+	return false, nil, fmt.Errorf("layer %s was removed three times while this run started; is `vmharness image prune` running in a loop?", l.layer())
+}
+
+// flock takes the lock how (LOCK_SH or LOCK_EX) on f, polling so ctx can
+// end the wait, and says once that it waits for another builder.
+func (l layerPaths) flock(ctx context.Context, f *os.File, how int, logf func(string, ...any)) error {
+	waiting := false
+	for {
+		err := unix.Flock(int(f.Fd()), how|unix.LOCK_NB)
+		if err == nil {
+			return nil
+		}
+		if !errors.Is(err, unix.EWOULDBLOCK) && !errors.Is(err, unix.EINTR) {
+			return fmt.Errorf("layer lock %s: %w", l.lockFile(), err)
+		}
+		if !waiting {
+			waiting = true
+			logf("layer %s: waiting for another run writing it (lock %s)", l.key[:16], l.lockFile())
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("waiting for layer lock %s: %w", l.lockFile(), context.Cause(ctx))
+		case <-time.After(50 * time.Millisecond):
+		}
+	}
+}
+
+// write writes the layer into a temporary file, checks that its bytes
+// hash to the key, and renames it into place. The caller holds the key's
+// lock exclusively, so temporary files of the same key are leftovers of
+// killed runs.
+func (l layerPaths) write(t *tree) (err error) {
+	stale, _ := filepath.Glob(filepath.Join(l.dir, l.tmpPattern()))
+	for _, s := range stale {
+		os.Remove(s)
+	}
+	tmp, err := os.CreateTemp(l.dir, l.tmpPattern())
+	if err != nil {
+		return fmt.Errorf("layer cache: %w", err)
+	}
+	defer func() {
+		if err != nil {
+			tmp.Close()
+			os.Remove(tmp.Name())
+		}
+	}()
+	h := sha256.New()
+	bw := bufio.NewWriterSize(io.MultiWriter(tmp, h), 1<<20)
+	if _, err := writeArchive(bw, t.entries); err != nil {
+		return fmt.Errorf("write layer %s: %w", tmp.Name(), err)
+	}
+	if err := bw.Flush(); err != nil {
+		return fmt.Errorf("write layer %s: %w", tmp.Name(), err)
+	}
+	if got := hex.EncodeToString(h.Sum(nil)); got != l.key {
+		return fmt.Errorf("write layer %s: the install tree changed while it was archived (hash %s, expected %s)", tmp.Name(), got[:16], l.key[:16])
+	}
+	// Read-only: runs attach it read-only, and nothing should write it.
+	if err := tmp.Chmod(0o444); err != nil {
+		return err
+	}
+	if err := tmp.Sync(); err != nil {
+		return fmt.Errorf("write layer %s: %w", tmp.Name(), err)
+	}
+	if err := tmp.Close(); err != nil {
+		return fmt.Errorf("write layer %s: %w", tmp.Name(), err)
+	}
+	// The rename is what makes the layer visible; nothing reads tmp.
+	if err := os.Rename(tmp.Name(), l.layer()); err != nil {
+		return fmt.Errorf("publish layer: %w", err)
+	}
+	d, err := os.Open(l.dir)
+	if err != nil {
+		return err
+	}
+	defer d.Close()
+	return d.Sync()
+}
