@@ -85,8 +85,35 @@ type Result struct {
 	// QEMUStderr is what QEMU itself printed (its errors).
 	QEMUStderr string
 	Elapsed    time.Duration
+	// Timeline is when the run's phases ended, as the host saw them.
+	Timeline Timeline
 
 	verdict *verdict.Verdict
+}
+
+// Timeline holds host-side times of one run's phases; a zero time means
+// the phase never happened.
+type Timeline struct {
+	// QEMUStart is when QEMU was started; FirstMessage when the guest's
+	// service manager first spoke (the end of kernel and initrd); Ready
+	// when it reported READY=1; TestEnd when the test unit reported its
+	// result; ExitStatus when PID 1 sent its final EXIT_STATUS (the end
+	// of the guest's shutdown); QEMUExit when QEMU was gone.
+	QEMUStart, FirstMessage, Ready, TestEnd, ExitStatus, QEMUExit time.Time
+}
+
+// String shows each phase as an offset from QEMU's start, for logs.
+func (t Timeline) String() string {
+	var parts []string
+	for _, p := range []struct {
+		name string
+		at   time.Time
+	}{{"first message", t.FirstMessage}, {"test end", t.TestEnd}, {"exit status", t.ExitStatus}, {"QEMU gone", t.QEMUExit}} {
+		if !p.at.IsZero() && !t.QEMUStart.IsZero() {
+			parts = append(parts, fmt.Sprintf("%s %.1fs", p.name, p.at.Sub(t.QEMUStart).Seconds()))
+		}
+	}
+	return strings.Join(parts, ", ")
 }
 
 // Judge completes the verdict with the test unit's result as recorded in
@@ -366,6 +393,7 @@ func (m *Machine) Run(ctx context.Context, started func(pid int)) (*Result, erro
 	}
 
 	l := &runLoop{m: m, exited: exited, qemuStarted: time.Now()}
+	l.timeline.QEMUStart = l.qemuStarted
 	if cfg.Timeout > 0 {
 		l.timeout = time.NewTimer(cfg.Timeout)
 		defer l.timeout.Stop()
@@ -375,6 +403,7 @@ func (m *Machine) Run(ctx context.Context, started func(pid int)) (*Result, erro
 		defer l.bootTimer.Stop()
 	}
 	waitErr := l.run(ctx, msgs)
+	qemuGone := time.Now()
 
 	// The last notify connection (EXIT_STATUS) may still be in flight when
 	// QEMU exits; give it a moment before the listener goes away.
@@ -394,7 +423,8 @@ drain:
 		m.verdict.Handle(<-msgs)
 	}
 
-	res := &Result{Elapsed: time.Since(start), QEMUStderr: strings.TrimSpace(stderr.String()), verdict: m.verdict}
+	l.timeline.QEMUExit = qemuGone
+	res := &Result{Elapsed: time.Since(start), QEMUStderr: strings.TrimSpace(stderr.String()), Timeline: l.timeline, verdict: m.verdict}
 	res.ConsoleTail = consoleTail(cfg.ConsoleLog, 40)
 	end := verdict.QEMUExited{Stderr: res.QEMUStderr, ConsoleTail: res.ConsoleTail}
 	if sig, ok := killedBy(waitErr); ok {
@@ -420,6 +450,7 @@ type runLoop struct {
 	powerOff       *time.Timer
 	keep           *time.Timer
 	slowBootLogged bool
+	timeline       Timeline
 }
 
 func timerC(t *time.Timer) <-chan time.Time {
@@ -449,8 +480,21 @@ func (l *runLoop) run(ctx context.Context, msgs <-chan verdict.Notify) error {
 			return err
 		case msg := <-msgs:
 			step := m.verdict.Handle(msg)
-			if step.Ready && cfg.OnReady != nil {
-				cfg.OnReady()
+			now := time.Now()
+			if l.timeline.FirstMessage.IsZero() {
+				l.timeline.FirstMessage = now
+			}
+			if step.TestEnded {
+				l.timeline.TestEnd = now
+			}
+			if step.AwaitPowerOff {
+				l.timeline.ExitStatus = now
+			}
+			if step.Ready {
+				l.timeline.Ready = now
+				if cfg.OnReady != nil {
+					cfg.OnReady()
+				}
 			}
 			if step.AwaitPowerOff && l.powerOff == nil {
 				l.powerOff = time.NewTimer(30 * time.Second * cfg.Accel.TimeoutScale())

@@ -171,6 +171,16 @@ func TestMachineRunLifecycle(t *testing.T) {
 			_, err = net.Dial("unix", notify)
 			assert.Error(t, err, "Run closes the notify listener")
 
+			if tt.wantCode == ExitPass {
+				tl := res.Timeline
+				for _, at := range []time.Time{tl.QEMUStart, tl.FirstMessage, tl.TestEnd, tl.ExitStatus, tl.QEMUExit} {
+					require.False(t, at.IsZero(), "timeline %+v", tl)
+				}
+				assert.True(t, !tl.FirstMessage.Before(tl.QEMUStart) && !tl.TestEnd.Before(tl.FirstMessage) &&
+					!tl.ExitStatus.Before(tl.TestEnd) && !tl.QEMUExit.Before(tl.ExitStatus), "phases in order: %+v", tl)
+				assert.Contains(t, tl.String(), "first message ")
+			}
+
 			// The journal's account completes the verdict afterwards.
 			got := res.Judge(verdict.JournalUnitResult{})
 			assert.Equal(t, res.Outcome, got)

@@ -82,6 +82,8 @@ type Step struct {
 	Hold *Outcome
 	// StopNow: stop the VM; its test is over (see StopTestOver).
 	StopNow bool
+	// TestEnded: the test unit reported its result (for timings).
+	TestEnded bool
 }
 
 // Config is the part of a run that the verdict depends on.
@@ -162,6 +164,7 @@ func (v *Verdict) notify(m Notify) Step {
 	}
 	if r, ok := m[FieldTestResult]; ok && !rebooting(v.shutdown) {
 		v.unit = &UnitResult{Result: r, ExitCode: m[FieldTestExitCode], ExitStatus: m[FieldTestExitStatus]}
+		step.TestEnded = true
 		if v.cfg.KeepOnFailure && v.held == nil {
 			switch o := v.unit.outcome(); {
 			case o.Failed():

@@ -465,14 +465,15 @@ func TestSteps(t *testing.T) {
 	assert.Equal(t, Step{Rebooting: true}, v.Handle(reboot("0")))
 	assert.Equal(t, Step{}, v.Handle(booted))
 	step := v.Handle(report("exit-code", "exited", "5"))
+	assert.True(t, step.TestEnded)
 	require.NotNil(t, step.Hold)
 	assert.Equal(t, "test exited with status 5", step.Hold.Reason)
-	assert.Nil(t, v.Handle(report("exit-code", "exited", "6")).Hold, "a test is held once")
+	assert.Equal(t, Step{TestEnded: true}, v.Handle(report("exit-code", "exited", "6")), "a test is held once")
 	assert.Equal(t, Step{AwaitPowerOff: true}, v.Handle(poweroff("5")))
 
 	v = New(Config{KeepOnFailure: true})
-	assert.Equal(t, Step{StopNow: true}, v.Handle(report("exit-code", "exited", "77")))
+	assert.Equal(t, Step{StopNow: true, TestEnded: true}, v.Handle(report("exit-code", "exited", "77")))
 
 	v = New(Config{})
-	assert.Equal(t, Step{}, v.Handle(report("exit-code", "exited", "5")), "without keep mode a failure ends the VM by itself")
+	assert.Equal(t, Step{TestEnded: true}, v.Handle(report("exit-code", "exited", "5")), "without keep mode a failure ends the VM by itself")
 }
