@@ -132,7 +132,7 @@ func TestMachineRunLifecycle(t *testing.T) {
 			},
 			wantCode: ExitPass},
 		{name: "--full-shutdown waits for the guest",
-			script: booted + ";send X_VMHARNESS_TEST_RESULT=success|X_VMHARNESS_TEST_EXIT_CODE=exited|X_VMHARNESS_TEST_EXIT_STATUS=0|X_VMHARNESS_SYSTEM_STATE=starting|X_VMHARNESS_INVOCATION=inv1;sleep 500ms;" + exit123 + ";exit 0",
+			script:   booted + ";send X_VMHARNESS_TEST_RESULT=success|X_VMHARNESS_TEST_EXIT_CODE=exited|X_VMHARNESS_TEST_EXIT_STATUS=0|X_VMHARNESS_SYSTEM_STATE=starting|X_VMHARNESS_INVOCATION=inv1;sleep 500ms;" + exit123 + ";exit 0",
 			cfg:      func(c *Config) { c.FullShutdown = true; c.JournalHas = func(string) bool { return true } },
 			wantCode: ExitPass},
 		{name: "keep mode: a skip stops the VM", script: booted + ";send X_VMHARNESS_TEST_RESULT=exit-code|X_VMHARNESS_TEST_EXIT_CODE=exited|X_VMHARNESS_TEST_EXIT_STATUS=77;hang",
