@@ -56,7 +56,7 @@ func main() {
 	flag.Parse()
 	bins := flag.Args()
 	if len(bins) < 1 || len(bins) > 2 {
-		fmt.Fprintln(os.Stderr, "usage: breakdown [-runs N] [-unit FILE] NEW_BINARY [OLD_BINARY]")
+		fmt.Fprintln(os.Stderr, "usage: breakdown [-runs N] [-unit FILE] NEW_BINARY[::RUN ARGS] [OLD_BINARY[::RUN ARGS]]")
 		os.Exit(2)
 	}
 	work, err := os.MkdirTemp("", "breakdown-")
@@ -89,9 +89,14 @@ func label(b, n int) string {
 
 // measure runs unit once with bin and returns each phase's duration in
 // seconds (phases it could not see are missing).
+//
+// bin may carry extra `vmharness run` arguments after "::", separated by
+// spaces, to compare one binary with and without an option.
 func measure(bin, unit, dir string) (map[string]float64, error) {
 	jdir := filepath.Join(dir, "journal")
-	cmd := exec.Command(bin, "run", "--name", "breakdown", "--keep-journal", "always", "--journal-dir", jdir, unit)
+	bin, extra, _ := strings.Cut(bin, "::")
+	args := append([]string{"run", "--name", "breakdown", "--keep-journal", "always", "--journal-dir", jdir}, strings.Fields(extra)...)
+	cmd := exec.Command(bin, append(args, unit)...)
 	cmd.Env = append(os.Environ(), "VMHARNESS_RUNTIME_DIR="+filepath.Join(dir, "run"))
 	var stderr bytes.Buffer
 	cmd.Stderr = &stderr
