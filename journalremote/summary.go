@@ -252,7 +252,27 @@ type summarizer struct {
 	// unitResults holds the unit's result per canonical boot ID (at most
 	// maxBoots); the last boot's is the one that counts.
 	unitResults map[string]*UnitResult
-	found       findings
+	// markerID is the SYSLOG_IDENTIFIER of marker entries; markers holds
+	// the last few markers' texts.
+	markerID string
+	markers  []string
+	// found are the core dumps and sanitizer reports (findings.go).
+	found findings
+}
+
+// maxMarkers bounds the markers remembered; the guest logs one per test
+// unit run.
+const maxMarkers = 16
+
+func (s *summarizer) hasMarker(text string) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for _, m := range s.markers {
+		if m == text {
+			return true
+		}
+	}
+	return false
 }
 
 func newSummarizer(unit string, lines int) *summarizer {
@@ -377,6 +397,12 @@ func (s *summarizer) observe(e *Entry, info entryInfo) {
 	s.found.scanSanitizer(&f)
 	if s.unit != "" && string(f.pid) == "1" && string(f.unit) == s.unit {
 		s.noteUnitResult(&f)
+	}
+	if s.markerID != "" && string(f.identifier) == s.markerID && string(f.uid) == "0" {
+		if len(s.markers) == maxMarkers {
+			s.markers = s.markers[1:]
+		}
+		s.markers = append(s.markers, string(clip(bytes.TrimSpace(f.message), 64)))
 	}
 	if s.unit != "" && s.aboutUnit(&f) {
 		s.sum.UnitLinesTotal++
@@ -576,6 +602,10 @@ func (s *summarizer) streamEnded(n int, bytes int64, kept int, err error, cutByC
 		return
 	case cutByClose && errors.Is(err, net.ErrClosed):
 		msg = fmt.Sprintf("connection %d was still open after the VM stopped; cut it after %d bytes", n, bytes)
+	case errors.Is(err, net.ErrClosed):
+		// The VM stopped (or was stopped once the test's outcome was
+		// decided) while journald still had its connection open.
+		msg = fmt.Sprintf("connection %d was still open when the VM stopped; cut it after %d bytes", n, bytes)
 	case errors.Is(err, ErrTruncated):
 		msg = fmt.Sprintf("connection %d ended inside an entry", n)
 	default:

@@ -201,6 +201,8 @@ func (r *testRun) run(ctx context.Context) int {
 		ConsoleLog:    consoleLog,
 		Transport:     transport,
 		Layer:         layer,
+		FullShutdown:  opts.fullShutdown,
+		JournalHas:    journal.hasMarker,
 		Exclude:       opts.exclude,
 		Timeout:       opts.timeout,
 		BootTimeout:   bootTimeout,
@@ -330,6 +332,12 @@ func (r *testRun) report(name string, unit harness.TestUnit, res *harness.Result
 		return
 	}
 	elapsed := res.Elapsed.Round(100 * time.Millisecond)
+	// Where the time went, from QEMU's start: the guest's first message
+	// ends kernel and initrd, the test's report ends the test, the exit
+	// status ends the guest's shutdown.
+	if tl := res.Timeline.String(); tl != "" {
+		r.logf("%s: timings: %s", name, tl)
+	}
 	switch {
 	case o.Passed():
 		r.logf("%s: PASS (%s)", name, elapsed)
