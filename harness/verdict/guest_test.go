@@ -32,9 +32,10 @@ func TestGuestSetupFiles(t *testing.T) {
 		"the journal marker is logged before the sync")
 	assert.Less(t, strings.Index(dropin, "journalctl --sync"), strings.Index(dropin, "systemd-notify"), "the result is reported after the journal is complete")
 	assert.NotContains(t, dropin, "Environment=", "the test's own processes must not see the host's notify socket")
-	// Core dumps in progress are waited for before the journal sync, so
-	// that they reach the host's journal.
-	assert.Regexp(t, `(?s)ExecStopPost=-\+/bin/sh -c 'i=0; while grep -qs "\^CoreDumping:\[\[:space:\]\]\*1" /proc/\[0-9\]\*/status; do .*'\n.*ExecStopPost=-\+/usr/bin/journalctl --sync\n`, dropin)
+	// Core dumps in progress are waited for before the journal marker and
+	// the sync, so that they reach the host's journal before it stops the
+	// VM.
+	assert.Regexp(t, `(?s)ExecStopPost=-\+/bin/sh -c 'i=0; while grep -qs "\^CoreDumping:\[\[:space:\]\]\*1" /proc/\[0-9\]\*/status; do .*'\n.*ExecStopPost=-\+/usr/bin/systemd-cat -t vmharness-journal-marker .*\nExecStopPost=-\+/usr/bin/journalctl --sync\n`, dropin)
 
 	check := plain["systemd.extra-unit."+ConditionCheckUnit]
 	assert.Contains(t, check, "[Unit]\nDescription=Report a vmharness test unit that did not run\nAfter=t.service\nFailureAction=exit\nFailureActionExitStatus=77\n\n[Service]\n",
