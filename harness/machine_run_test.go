@@ -187,8 +187,10 @@ func TestMachineRunLifecycle(t *testing.T) {
 				for _, at := range []time.Time{tl.QEMUStart, tl.FirstMessage, tl.TestEnd, tl.QEMUExit} {
 					require.False(t, at.IsZero(), "timeline %+v", tl)
 				}
+				// (A message can be read after QEMU exited: the fake sends
+				// its last ones right before it exits.)
 				assert.True(t, !tl.FirstMessage.Before(tl.QEMUStart) && !tl.TestEnd.Before(tl.FirstMessage) &&
-					!tl.QEMUExit.Before(tl.TestEnd), "phases in order: %+v", tl)
+					!tl.QEMUExit.Before(tl.QEMUStart), "phases in order: %+v", tl)
 				assert.Contains(t, tl.String(), "first message ")
 			}
 
