@@ -102,9 +102,10 @@ func (q *fakeQueue) Used(ctx context.Context) (uint16, []byte, error) {
 
 // env is a started device with a test guest on its queues.
 type env struct {
-	dev  *Device
-	g    *guest
-	stop func() // stops the device the way the front-end would
+	dev    *Device
+	g      *guest
+	stop   func()                // stops the device the way the front-end would
+	driver *vhostusertest.Driver // nil with the fake queues
 }
 
 type backend struct {
@@ -152,7 +153,10 @@ func newDriverEnv(t testing.TB, cfg Config, gopts guestOptions) *env {
 		defer close(served)
 		srv.Serve(ctx, dev)
 	}()
-	d := vhostusertest.NewDriver(t, sock, vhostusertest.Options{QueueSize: 256})
+	// Strict notifications: the guest kicks and takes interrupts only as
+	// the device asks, like Linux, so a notification the device fails to
+	// request or send stalls a test instead of being polled over.
+	d := vhostusertest.NewDriver(t, sock, vhostusertest.Options{QueueSize: 256, StrictNotify: true})
 	require.Equal(t, cfg.GuestCID, leUint64(d.Config()), "config space guest_cid")
 	g := newGuest(t, d.Queue(rxQueue), d.Queue(txQueue), gopts)
 	t.Cleanup(func() {
@@ -163,7 +167,7 @@ func newDriverEnv(t testing.TB, cfg Config, gopts guestOptions) *env {
 		<-served
 		d.Close()
 	})
-	return &env{dev: dev, g: g, stop: func() {
+	return &env{dev: dev, g: g, driver: d, stop: func() {
 		d.Disconnect()
 		// The server stops the device when it notices the hang-up.
 		require.Eventually(t, func() bool {

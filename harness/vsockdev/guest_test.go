@@ -9,6 +9,8 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/vmharness/vmharness/harness/vhostuser/vhostusertest"
 )
 
 // driverQueue is the guest driver's side of a virtqueue, as
@@ -35,7 +37,9 @@ type guestOptions struct {
 	// host advertises (as Linux does since it caps peer credit at its
 	// own buffer size).
 	capCredit bool
-	// txSlots bounds the tx chains in flight.
+	// txSlots bounds the tx chains in flight. Set it above the ring's
+	// capacity to have senders wait for the device to return
+	// descriptors once the ring is full, as Linux's tx worker does.
 	txSlots int
 	// maxBuffer is the largest single buffer the queue takes.
 	maxBuffer int
@@ -80,6 +84,8 @@ type guest struct {
 	stopped bool
 
 	txSlots chan struct{}
+	txFreed chan struct{} // capacity 1: the device returned a tx chain
+	txFull  atomic.Int64  // times a sender found the tx ring full
 	txMu    sync.Mutex
 	txSeq   atomic.Uint64
 
@@ -105,6 +111,7 @@ func newGuest(t testing.TB, rx, tx driverQueue, opts guestOptions) *guest {
 	g := &guest{
 		t: t, opts: opts, rx: rx, tx: tx, ctx: ctx, cancel: cancel,
 		txSlots:   make(chan struct{}, opts.txSlots),
+		txFreed:   make(chan struct{}, 1),
 		rxLayout:  make(map[uint16][]int),
 		socks:     make(map[gkey]*gsock),
 		listeners: make(map[uint32]chan *gsock),
@@ -236,6 +243,10 @@ func (g *guest) txReaper() {
 		default:
 			g.violation("tx chain completed twice")
 		}
+		select {
+		case g.txFreed <- struct{}{}:
+		default:
+		}
 	}
 }
 
@@ -278,14 +289,27 @@ func (g *guest) sendChain(bufs [][]byte) error {
 	}
 	g.txMu.Lock()
 	defer g.txMu.Unlock()
-	if err := g.ctx.Err(); err != nil {
-		return err
+	for {
+		if err := g.ctx.Err(); err != nil {
+			<-g.txSlots
+			return err
+		}
+		_, err := g.tx.Add(bufs, nil)
+		if err == nil {
+			return g.tx.Kick()
+		}
+		if !errors.Is(err, vhostusertest.ErrQueueFull) {
+			<-g.txSlots
+			return fmt.Errorf("guest: add tx chain: %w", err)
+		}
+		// The ring is full: wait for the device to return a chain
+		// (its interrupt), as Linux's tx worker does.
+		g.txFull.Add(1)
+		select {
+		case <-g.txFreed:
+		case <-g.ctx.Done():
+		}
 	}
-	if _, err := g.tx.Add(bufs, nil); err != nil {
-		<-g.txSlots
-		return fmt.Errorf("guest: add tx chain: %w", err)
-	}
-	return g.tx.Kick()
 }
 
 func (g *guest) reply(h *Header, op Op) {

@@ -8,7 +8,11 @@
 // kick and call eventfds. Its DriverQueues then play the guest driver: Add
 // places buffers in guest memory and publishes them on the available ring,
 // Kick signals the kick eventfd, Used waits on the call eventfd for the
-// device to return a chain and yields the bytes the device wrote.
+// device to return a chain and yields the bytes the device wrote. By
+// default the driver is lenient (it always kicks, and looks at the used
+// ring every 100 ms even without an interrupt); Options.StrictNotify makes
+// it follow the device's notification suppression exactly, as Linux does,
+// so that a lost kick or interrupt stalls the test.
 //
 // Typical use:
 //
