@@ -153,7 +153,8 @@ TimeoutStopSec=infinity
 		JournalMarkerIdentifier, FieldInvocation, waitForCoredumps)
 
 	// Runs once the test unit's start job is over; it only acts when the
-	// unit never ran. A test that ran has fired its success or failure
+	// unit never ran: a condition or assertion did not hold, or the unit
+	// never got as far as checking them (a unit it requires failed). A test that ran has fired its success or failure
 	// action by then, whose shutdown cancels this unit's start.
 	check := fmt.Sprintf(`[Unit]
 Description=Report a vmharness test unit that did not run
@@ -165,12 +166,12 @@ FailureActionExitStatus=%[2]d
 Type=oneshot
 ExecStart=/bin/sh -c '\
   show() { systemctl show -P "$$1" %[1]s; }; \
-  test "$$(show ConditionTimestampMonotonic)" != 0 || exit 0; \
-  if test "$$(show ConditionResult)" = no; then r=%[3]s; \
+  if test "$$(show ConditionTimestampMonotonic)" = 0; then r=%[7]s; \
+  elif test "$$(show ConditionResult)" = no; then r=%[3]s; \
   elif test "$$(show AssertResult)" = no; then r=%[4]s; \
   else exit 0; fi; \
   %[5]s %[6]s=$$r; exit 1'
-`, g.Unit, GuestStatusSkip, ResultCondition, ResultAssert, notify, FieldTestResult)
+`, g.Unit, GuestStatusSkip, ResultCondition, ResultAssert, notify, FieldTestResult, ResultNotStarted)
 
 	// PID 1 announces emergency.target over the notify socket too, but
 	// not always before the exit action ends the VM (a test that isolates

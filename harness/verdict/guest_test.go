@@ -42,6 +42,7 @@ func TestGuestSetupFiles(t *testing.T) {
 		"the actions are [Unit] settings")
 	assert.Contains(t, check, "systemctl show -P \"$$1\" t.service")
 	assert.Contains(t, check, "X_VMHARNESS_TEST_RESULT=$$r")
+	assert.Contains(t, check, `if test "$$(show ConditionTimestampMonotonic)" = 0; then r=not-started;`, "a unit that never started is reported")
 
 	assert.Contains(t, plain["systemd.extra-unit."+EmergencyExitUnit], "FailureActionExitStatus=124")
 	assert.Contains(t, plain["systemd.extra-unit."+EmergencyExitUnit], "X_VMHARNESS_EMERGENCY=$$t; exit 1")

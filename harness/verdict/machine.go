@@ -242,7 +242,7 @@ func (v *Verdict) decidedBy(u UnitResult) bool {
 		return false
 	}
 	switch u.Result {
-	case ResultCondition, ResultAssert:
+	case ResultCondition, ResultAssert, ResultNotStarted:
 		return true
 	case "success", "exit-code":
 		if u.ExitCode != "exited" {

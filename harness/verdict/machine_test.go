@@ -164,6 +164,12 @@ func TestOutcome(t *testing.T) {
 			wantReason: "condition",
 		},
 		{
+			name:       "a unit the test requires failed, so it never started",
+			events:     []Event{booted, report(ResultNotStarted, "", ""), poweroff("77"), qemuOK},
+			wantCode:   ExitFail,
+			wantReason: "test did not run: its start job failed before the unit started",
+		},
+		{
 			name:       "an assertion of the unit failed",
 			events:     []Event{booted, report(ResultAssert, "", ""), poweroff("77"), qemuOK},
 			wantCode:   ExitFail,

@@ -68,6 +68,9 @@ type UnitResult struct {
 const (
 	ResultCondition = "condition"
 	ResultAssert    = "assert"
+	// ResultNotStarted: the unit's start job ended before its conditions
+	// were even checked, e.g. a unit it Requires= failed.
+	ResultNotStarted = "not-started"
 )
 
 // Succeeded reports whether systemd considered the unit successful.
@@ -120,6 +123,8 @@ func (u UnitResult) outcome() Outcome {
 		return skip("test skipped: a condition of its unit was not met")
 	case ResultAssert:
 		return fail("test did not run: an assertion of its unit failed (with --build-dir, also the check that the initrd applied the build-tree layer: " + LayerMarker + ")")
+	case ResultNotStarted:
+		return fail("test did not run: its start job failed before the unit started (a unit it requires failed?)")
 	case "timeout":
 		return fail("test timed out (its unit's start timeout, TimeoutStartSec=)")
 	}
