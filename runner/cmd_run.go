@@ -35,7 +35,9 @@ type runOptions struct {
 	// expectFailure is --expect-failure: the run passes only if the test
 	// fails with a reason this matches.
 	expectFailure *regexp.Regexp
-	unitPath      string
+	// devices: --setenv, --disk, --firmware, --tpm (devices.go).
+	devices  deviceOptions
+	unitPath string
 }
 
 // stringList is a repeatable string flag.
@@ -63,6 +65,7 @@ func parseRunFlags(env *cliEnv, args []string) (*runOptions, error) {
 	fs.IntVar(&o.cpus, "cpus", 2, "guest CPUs")
 	fs.StringVar(&o.recipe, "recipe", "", "image recipe file (default: $VMHARNESS_RECIPE, else the built-in default image)")
 	fs.StringVar(&o.buildDir, "build-dir", env.getenv("VMHARNESS_BUILD_DIR"), "Meson build directory to install into the guest's root before it boots (env VMHARNESS_BUILD_DIR)")
+	o.devices.register(fs)
 	expectFailure := fs.String("expect-failure", "", "the test is expected to fail with a reason matching this regular expression: exit 0 if it does, 1 otherwise")
 	if keepVM != "" {
 		d, err := parseKeepDuration(keepVM)
@@ -78,6 +81,9 @@ func parseRunFlags(env *cliEnv, args []string) (*runOptions, error) {
 		return nil, errors.New("usage: vmharness run [flags] UNIT_FILE (exactly one unit file)")
 	}
 	o.unitPath = fs.Arg(0)
+	if err := o.devices.parse(env.getenv); err != nil {
+		return nil, err
+	}
 	if *expectFailure != "" {
 		re, err := regexp.Compile(*expectFailure)
 		if err != nil {
