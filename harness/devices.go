@@ -82,10 +82,12 @@ func (d *devices) qemuArgs() []string {
 	return args
 }
 
-// testUnitDropIn is what the test unit's drop-in gets from these
-// settings: its environment, and the wait for its disks.
-func (d *devices) testUnitDropIn() string {
-	return environmentDropIn(d.env) + disksDropIn(d.disks)
+// guestCredentials adds to creds what the guest's systemd needs for
+// these settings: the test unit's environment and its wait for its disks
+// (in the test unit's drop-in), and the disks' device timeouts.
+func (d *devices) guestCredentials(creds []Credential, unit string) []Credential {
+	creds = withTestUnitDropIn(creds, unit, environmentDropIn(d.env)+disksDropIn(d.disks))
+	return append(creds, diskDeviceCredentials(d.disks)...)
 }
 
 // startTPM starts the TPM, if any, and returns the function that stops it.

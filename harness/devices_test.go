@@ -97,6 +97,8 @@ func TestNewMachineDevices(t *testing.T) {
 	assert.Contains(t, dropin, "\n[Service]\nEnvironment=\"TEST_MATCH_SUBTEST=a b\"\nEnvironment=\"X=2\"\n")
 	assert.NotContains(t, dropin, "X=1")
 	assert.Contains(t, dropin, `Wants=dev-disk-by\x2did-virtio\x2dalpha.device dev-disk-by\x2did-scsi\x2d0QEMU_QEMU_HARDDISK_beta.device`)
+	assert.Equal(t, "[Unit]\nJobRunningTimeoutSec=10min\n", smbiosCredential(t, work, `systemd.unit-dropin.dev-disk-by\x2did-virtio\x2dalpha.device`))
+	assert.Equal(t, "[Unit]\nJobRunningTimeoutSec=10min\n", smbiosCredential(t, work, `systemd.unit-dropin.dev-disk-by\x2did-scsi\x2d0QEMU_QEMU_HARDDISK_beta.device`))
 }
 
 func TestNewMachineDeviceErrors(t *testing.T) {

@@ -237,8 +237,9 @@ func (d Disk) ByIDPath() string {
 // test's disks are there when it starts. virtio-scsi (a module, loaded by
 // udev once the root file system is up) can otherwise appear after a test
 // ordered only after basic.target has started. Wants=, not Requires=: a
-// disk that never shows up delays the test by the device timeout and the
-// test then sees it missing, instead of failing a dependency.
+// disk that never shows up delays the test by the device timeout
+// (diskDeviceTimeout) and the test then sees it missing, instead of
+// failing a dependency.
 func disksDropIn(disks []Disk) string {
 	if len(disks) == 0 {
 		return ""
@@ -249,6 +250,25 @@ func disksDropIn(disks []Disk) string {
 	}
 	list := strings.Join(units, " ")
 	return "\n[Unit]\nWants=" + list + "\nAfter=" + list + "\n"
+}
+
+// diskDeviceTimeout is how long the guest's systemd waits for a disk's
+// device unit (DefaultDeviceTimeoutSec= is 90s). Under TCG on a loaded
+// host a virtio-scsi disk took longer than 90s from PID 1's start, and the
+// test then started without it; the run's own --timeout bounds the wait.
+const diskDeviceTimeout = "10min"
+
+// diskDeviceCredentials are drop-ins for the disks' device units that
+// give them diskDeviceTimeout.
+func diskDeviceCredentials(disks []Disk) []Credential {
+	var creds []Credential
+	for _, d := range disks {
+		creds = append(creds, Credential{
+			Name:  "systemd.unit-dropin." + pathDeviceUnit(d.ByIDPath()),
+			Value: []byte("[Unit]\nJobRunningTimeoutSec=" + diskDeviceTimeout + "\n"),
+		})
+	}
+	return creds
 }
 
 // pathDeviceUnit is systemd's device unit name for path, as

@@ -180,7 +180,7 @@ func NewMachine(ctx context.Context, cfg Config) (*Machine, error) {
 	guest := verdict.GuestSetup{Unit: cfg.Unit.Name, NotifyAddress: notifyAddr, KeepOnFailure: cfg.KeepOnFailure != nil, RequireLayer: cfg.Layer != ""}
 	m.verdict = verdict.New(verdict.Config{KeepOnFailure: guest.KeepOnFailure, TestNotStarted: cfg.SkipTestUnit})
 	creds := testUnitCredentials(cfg.Unit, guest)
-	creds = withTestUnitDropIn(creds, cfg.Unit.Name, devs.testUnitDropIn())
+	creds = devs.guestCredentials(creds, cfg.Unit.Name)
 	creds = append(creds, Credential{Name: "vmm.notify_socket", Value: []byte(notifyAddr)})
 	creds = append(creds, cfg.Credentials...)
 	if err := CheckCredentialSizes(creds); err != nil {
