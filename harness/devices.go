@@ -3,6 +3,7 @@ package harness
 import (
 	"context"
 	"fmt"
+	"os/exec"
 	"path/filepath"
 	"strings"
 )
@@ -54,6 +55,23 @@ func newDevices(cfg Config) (*devices, error) {
 		}
 	}
 	return d, nil
+}
+
+// CheckHostSupport reports a firmware or TPM this host cannot provide (no
+// OVMF, no swtpm) with the default locations, so a runner can refuse the
+// run before it sets anything up; NewMachine checks again either way.
+func CheckHostSupport(f Firmware, tpm bool) error {
+	if f.UEFI() {
+		if _, err := findUEFIFirmware(DefaultFirmwareDescriptorDirs(), f); err != nil {
+			return err
+		}
+	}
+	if tpm {
+		if _, err := exec.LookPath("swtpm"); err != nil {
+			return fmt.Errorf("--tpm: swtpm not found; install the swtpm package: %w", err)
+		}
+	}
+	return nil
 }
 
 // create makes the disk images and the UEFI variable store in workDir.

@@ -231,23 +231,27 @@ cat /sys/kernel/security/lockdown
 // 99 and one line, before any VM is started.
 func TestE2EDeviceBadInput(t *testing.T) {
 	requireE2E(t)
+	// A PATH without swtpm (the runner looks for nothing else first).
+	noSWTPM := t.TempDir()
 	tests := []struct {
 		args []string
 		want string
+		env  []string
 	}{
-		{[]string{"--firmware", "bios"}, `--firmware "bios": want linux, uefi or uefi-secure-boot`},
-		{[]string{"--disk", "0"}, "a disk needs more than 0 bytes"},
-		{[]string{"--disk", "-1G"}, "want a whole number"},
-		{[]string{"--disk", "lots"}, "want a whole number"},
-		{[]string{"--disk", "1T"}, "over the limit of 64G"},
-		{[]string{"--disk", "1G,serial=a/b"}, "only letters, digits"},
-		{[]string{"--disk", "1G,serial=x", "--disk", "1G,serial=x"}, `two disks have the serial "x"`},
-		{[]string{"--setenv", "1X=2"}, "must not start with a digit"},
-		{[]string{"--setenv", "NOVALUE"}, "want NAME=VALUE"},
+		{[]string{"--firmware", "bios"}, `--firmware "bios": want linux, uefi or uefi-secure-boot`, nil},
+		{[]string{"--disk", "0"}, "a disk needs more than 0 bytes", nil},
+		{[]string{"--disk", "-1G"}, "want a whole number", nil},
+		{[]string{"--disk", "lots"}, "want a whole number", nil},
+		{[]string{"--disk", "1T"}, "over the limit of 64G", nil},
+		{[]string{"--disk", "1G,serial=a/b"}, "only letters, digits", nil},
+		{[]string{"--disk", "1G,serial=x", "--disk", "1G,serial=x"}, `two disks have the serial "x"`, nil},
+		{[]string{"--setenv", "1X=2"}, "must not start with a digit", nil},
+		{[]string{"--setenv", "NOVALUE"}, "want NAME=VALUE", nil},
+		{[]string{"--tpm"}, "--tpm: swtpm not found; install the swtpm package", []string{"PATH=" + noSWTPM}},
 	}
 	for _, tt := range tests {
 		t.Run(strings.Join(tt.args, " "), func(t *testing.T) {
-			r := startRun(t, append(tt.args, testUnitPath("boot.service"))...)
+			r := startRunWithEnv(t, tt.env, append(tt.args, testUnitPath("boot.service"))...)
 			r.wait(t)
 			assert.Equal(t, 99, r.exitCode)
 			out := strings.TrimSpace(r.stderr.String())

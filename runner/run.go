@@ -63,6 +63,9 @@ func (r *testRun) run(ctx context.Context) int {
 		}
 		creds = append(creds, c)
 	}
+	if err := harness.CheckHostSupport(opts.devices.parsedFirmware, opts.devices.tpm); err != nil {
+		return r.fail("%v", err)
+	}
 	keepJournal, err := parseKeepPolicy(opts.keepJournal)
 	if err != nil {
 		return r.fail("%v", err)
