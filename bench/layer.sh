@@ -18,7 +18,7 @@ mb=${2:-50}
 
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
-go build -o "$work/vmharness" ./runner
+go build -o "$work/vmharness" .
 go build -o "$work/layerbench" ./bench/layerbench
 "$work/vmharness" image build >/dev/null 2>&1
 unit=bench/trivial.service

@@ -67,6 +67,13 @@ type Config struct {
 	// returns only when QEMU exits, the time is up or ctx ends, with the
 	// test's failure as the outcome. Returning 0 stops the VM at once.
 	KeepOnFailure func(o Outcome) time.Duration
+	// JournalHas reports whether the test's journal has the marker entry
+	// the test unit logs before its report (verdict.JournalMarkerIdentifier);
+	// a decided run waits for it before stopping the VM. Nil: no journal.
+	JournalHas func(marker string) bool
+	// FullShutdown lets the guest shut down by itself after the test
+	// instead of stopping the VM as soon as the outcome is decided.
+	FullShutdown bool
 	// Layer, if set, is a build-tree layer archive (images/layer) the
 	// guest's initrd unpacks over the root file system before PID 1.
 	Layer string
@@ -81,6 +88,9 @@ type Config struct {
 	// override where QEMU's firmware descriptors are looked for.
 	SWTPM                  string
 	FirmwareDescriptorDirs []string
+	// Exclude are the core dumps and sanitizer reports that do not fail
+	// the test (verdict.JournalFindings).
+	Exclude verdict.Exclusions
 	// OnReady is called once when the guest reports READY=1 (boot done).
 	OnReady func()
 	Logf    func(format string, args ...any)
@@ -96,14 +106,44 @@ type Result struct {
 	// QEMUStderr is what QEMU itself printed (its errors).
 	QEMUStderr string
 	Elapsed    time.Duration
+	// Timeline is when the run's phases ended, as the host saw them.
+	Timeline Timeline
 
 	verdict *verdict.Verdict
 }
 
-// Judge completes the verdict with the test unit's result as recorded in
-// its journal, once the journal is complete, and returns the outcome.
-func (r *Result) Judge(j verdict.JournalUnitResult) Outcome {
-	r.verdict.Handle(j)
+// Timeline holds host-side times of one run's phases; a zero time means
+// the phase never happened.
+type Timeline struct {
+	// QEMUStart is when QEMU was started; FirstMessage when the guest's
+	// service manager first spoke (the end of kernel and initrd); Ready
+	// when it reported READY=1; TestEnd when the test unit reported its
+	// result; ExitStatus when PID 1 sent its final EXIT_STATUS (the end
+	// of the guest's shutdown); QEMUExit when QEMU was gone.
+	QEMUStart, FirstMessage, Ready, TestEnd, ExitStatus, QEMUExit time.Time
+}
+
+// String shows each phase as an offset from QEMU's start, for logs.
+func (t Timeline) String() string {
+	var parts []string
+	for _, p := range []struct {
+		name string
+		at   time.Time
+	}{{"first message", t.FirstMessage}, {"test end", t.TestEnd}, {"exit status", t.ExitStatus}, {"QEMU gone", t.QEMUExit}} {
+		if !p.at.IsZero() && !t.QEMUStart.IsZero() {
+			parts = append(parts, fmt.Sprintf("%s %.1fs", p.name, p.at.Sub(t.QEMUStart).Seconds()))
+		}
+	}
+	return strings.Join(parts, ", ")
+}
+
+// Judge completes the verdict with what the complete journal holds (the
+// test unit's result as recorded there, its core dumps and sanitizer
+// reports), and returns the outcome.
+func (r *Result) Judge(journal ...verdict.Event) Outcome {
+	for _, e := range journal {
+		r.verdict.Handle(e)
+	}
 	r.Outcome = r.verdict.Outcome()
 	return r.Outcome
 }
@@ -178,7 +218,7 @@ func NewMachine(ctx context.Context, cfg Config) (*Machine, error) {
 	}()
 	notifyAddr := fmt.Sprintf("vsock-stream:%d:%d", vsock.HostCID, notifyPort)
 	guest := verdict.GuestSetup{Unit: cfg.Unit.Name, NotifyAddress: notifyAddr, KeepOnFailure: cfg.KeepOnFailure != nil, RequireLayer: cfg.Layer != ""}
-	m.verdict = verdict.New(verdict.Config{KeepOnFailure: guest.KeepOnFailure, TestNotStarted: cfg.SkipTestUnit})
+	m.verdict = verdict.New(verdict.Config{KeepOnFailure: guest.KeepOnFailure, TestNotStarted: cfg.SkipTestUnit, FullShutdown: cfg.FullShutdown, Exclude: cfg.Exclude})
 	creds := testUnitCredentials(cfg.Unit, guest)
 	creds = devs.guestCredentials(creds, cfg.Unit.Name)
 	creds = append(creds, Credential{Name: "vmm.notify_socket", Value: []byte(notifyAddr)})
@@ -402,6 +442,7 @@ func (m *Machine) Run(ctx context.Context, started func(pid int)) (*Result, erro
 	}
 
 	l := &runLoop{m: m, exited: exited, qemuStarted: time.Now()}
+	l.timeline.QEMUStart = l.qemuStarted
 	if cfg.Timeout > 0 {
 		l.timeout = time.NewTimer(cfg.Timeout)
 		defer l.timeout.Stop()
@@ -411,6 +452,7 @@ func (m *Machine) Run(ctx context.Context, started func(pid int)) (*Result, erro
 		defer l.bootTimer.Stop()
 	}
 	waitErr := l.run(ctx, msgs)
+	qemuGone := time.Now()
 
 	// The last notify connection (EXIT_STATUS) may still be in flight when
 	// QEMU exits; give it a moment before the listener goes away.
@@ -419,7 +461,7 @@ drain:
 	for {
 		select {
 		case msg := <-msgs:
-			m.verdict.Handle(msg)
+			l.note(m.verdict.Handle(msg))
 		case <-grace:
 			break drain
 		}
@@ -427,10 +469,11 @@ drain:
 	stopNotify()
 	<-notifyDone
 	for len(msgs) > 0 {
-		m.verdict.Handle(<-msgs)
+		l.note(m.verdict.Handle(<-msgs))
 	}
 
-	res := &Result{Elapsed: time.Since(start), QEMUStderr: strings.TrimSpace(stderr.String()), verdict: m.verdict}
+	l.timeline.QEMUExit = qemuGone
+	res := &Result{Elapsed: time.Since(start), QEMUStderr: strings.TrimSpace(stderr.String()), Timeline: l.timeline, verdict: m.verdict}
 	res.ConsoleTail = consoleTail(cfg.ConsoleLog, 40)
 	end := verdict.QEMUExited{Stderr: res.QEMUStderr, ConsoleTail: res.ConsoleTail}
 	if sig, ok := killedBy(waitErr); ok {
@@ -456,6 +499,36 @@ type runLoop struct {
 	powerOff       *time.Timer
 	keep           *time.Timer
 	slowBootLogged bool
+	timeline       Timeline
+	// Once the outcome is decided, the VM stops when the journal has
+	// marker, checked on journalWait's ticks until journalDeadline.
+	marker          string
+	journalWait     *time.Ticker
+	journalDeadline time.Time
+}
+
+// note records in the timeline when a phase ended.
+func (l *runLoop) note(step verdict.Step) {
+	now := time.Now()
+	if l.timeline.FirstMessage.IsZero() {
+		l.timeline.FirstMessage = now
+	}
+	if step.TestEnded {
+		l.timeline.TestEnd = now
+	}
+	if step.AwaitPowerOff {
+		l.timeline.ExitStatus = now
+	}
+	if step.Ready {
+		l.timeline.Ready = now
+	}
+}
+
+func tickerC(t *time.Ticker) <-chan time.Time {
+	if t == nil {
+		return nil
+	}
+	return t.C
 }
 
 func timerC(t *time.Timer) <-chan time.Time {
@@ -474,6 +547,9 @@ func (l *runLoop) run(ctx context.Context, msgs <-chan verdict.Notify) error {
 				t.Stop()
 			}
 		}
+		if l.journalWait != nil {
+			l.journalWait.Stop()
+		}
 	}()
 	stop := func(why verdict.StopReason, detail string) error {
 		m.verdict.Handle(verdict.Stopped{Why: why, Detail: detail})
@@ -485,6 +561,7 @@ func (l *runLoop) run(ctx context.Context, msgs <-chan verdict.Notify) error {
 			return err
 		case msg := <-msgs:
 			step := m.verdict.Handle(msg)
+			l.note(step)
 			if step.Ready && cfg.OnReady != nil {
 				cfg.OnReady()
 			}
@@ -497,6 +574,17 @@ func (l *runLoop) run(ctx context.Context, msgs <-chan verdict.Notify) error {
 			}
 			if step.StopNow {
 				return stop(verdict.StopTestOver, "")
+			}
+			if step.Final && l.journalWait == nil {
+				// The outcome is decided: the guest's own shutdown
+				// (seconds under TCG) adds nothing once the test's journal
+				// is on the host.
+				if cfg.JournalHas == nil || step.JournalMarker == "" {
+					return stop(verdict.StopVerdictReached, "")
+				}
+				l.marker = step.JournalMarker
+				l.journalWait = time.NewTicker(20 * time.Millisecond)
+				l.journalDeadline = time.Now().Add(10 * time.Second * cfg.Accel.TimeoutScale())
 			}
 			if step.Hold != nil && cfg.KeepOnFailure != nil {
 				keepFor := cfg.KeepOnFailure(*step.Hold)
@@ -511,6 +599,14 @@ func (l *runLoop) run(ctx context.Context, msgs <-chan verdict.Notify) error {
 				}
 				l.timeout, l.bootTimer = nil, nil
 				l.keep = time.NewTimer(keepFor)
+			}
+		case <-tickerC(l.journalWait):
+			if cfg.JournalHas(l.marker) {
+				return stop(verdict.StopVerdictReached, "")
+			}
+			if time.Now().After(l.journalDeadline) {
+				cfg.Logf("%s: the test's journal marker did not arrive; stopping the VM without it", cfg.Name)
+				return stop(verdict.StopVerdictReached, "")
 			}
 		case <-timerC(l.keep):
 			cfg.Logf("%s: keep time is up, stopping the VM", cfg.Name)

@@ -124,6 +124,17 @@ func TestMachineRunLifecycle(t *testing.T) {
 				c.KeepOnFailure = func(Outcome) time.Duration { return 2 * time.Second }
 			},
 			wantCode: ExitFail, wantReason: "test exited with status 3", wantKept: 1},
+		{name: "decided by the report: stopped once the journal marker is in, without the guest's shutdown",
+			script: booted + ";send X_VMHARNESS_TEST_RESULT=success|X_VMHARNESS_TEST_EXIT_CODE=exited|X_VMHARNESS_TEST_EXIT_STATUS=0|X_VMHARNESS_SYSTEM_STATE=starting|X_VMHARNESS_INVOCATION=inv1;hang",
+			cfg: func(c *Config) {
+				asked := time.Now()
+				c.JournalHas = func(marker string) bool { return marker == "inv1" && time.Since(asked) > 300*time.Millisecond }
+			},
+			wantCode: ExitPass},
+		{name: "--full-shutdown waits for the guest",
+			script:   booted + ";send X_VMHARNESS_TEST_RESULT=success|X_VMHARNESS_TEST_EXIT_CODE=exited|X_VMHARNESS_TEST_EXIT_STATUS=0|X_VMHARNESS_SYSTEM_STATE=starting|X_VMHARNESS_INVOCATION=inv1;sleep 500ms;" + exit123 + ";exit 0",
+			cfg:      func(c *Config) { c.FullShutdown = true; c.JournalHas = func(string) bool { return true } },
+			wantCode: ExitPass},
 		{name: "keep mode: a skip stops the VM", script: booted + ";send X_VMHARNESS_TEST_RESULT=exit-code|X_VMHARNESS_TEST_EXIT_CODE=exited|X_VMHARNESS_TEST_EXIT_STATUS=77;hang",
 			cfg:      func(c *Config) { c.KeepOnFailure = func(Outcome) time.Duration { return time.Hour } },
 			wantCode: ExitSkip, wantReason: "exit status 77"},
@@ -170,6 +181,18 @@ func TestMachineRunLifecycle(t *testing.T) {
 			assert.ErrorIs(t, syscall.Kill(m.PID(), 0), syscall.ESRCH, "QEMU does not outlive Run")
 			_, err = net.Dial("unix", notify)
 			assert.Error(t, err, "Run closes the notify listener")
+
+			if tt.wantCode == ExitPass {
+				tl := res.Timeline
+				for _, at := range []time.Time{tl.QEMUStart, tl.FirstMessage, tl.TestEnd, tl.QEMUExit} {
+					require.False(t, at.IsZero(), "timeline %+v", tl)
+				}
+				// (A message can be read after QEMU exited: the fake sends
+				// its last ones right before it exits.)
+				assert.True(t, !tl.FirstMessage.Before(tl.QEMUStart) && !tl.TestEnd.Before(tl.FirstMessage) &&
+					!tl.QEMUExit.Before(tl.QEMUStart), "phases in order: %+v", tl)
+				assert.Contains(t, tl.String(), "first message ")
+			}
 
 			// The journal's account completes the verdict afterwards.
 			got := res.Judge(verdict.JournalUnitResult{})

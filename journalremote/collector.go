@@ -34,6 +34,9 @@ type Config struct {
 	DrainTimeout time.Duration
 	// Limits bound one guest entry; zero fields take DefaultLimits.
 	Limits Limits
+	// MarkerIdentifier is the SYSLOG_IDENTIFIER of marker entries (see
+	// HasMarker); empty means none are tracked.
+	MarkerIdentifier string
 }
 
 // Collector turns the guest's journal streams of one test into a journal
@@ -92,6 +95,7 @@ func New(cfg Config) (*Collector, error) {
 		conns:      make(map[net.Conn]struct{}),
 		sum:        newSummarizer(cfg.TestUnit, cfg.SummaryLines),
 	}
+	c.sum.markerID = cfg.MarkerIdentifier
 	// A rerun must not append to the previous run's journal.
 	if err := removeFiles(c.outputFiles()); err != nil {
 		return nil, fmt.Errorf("removing the previous run's journal: %w", err)
@@ -396,6 +400,11 @@ func removeFiles(files []string) error {
 
 // Summary returns what the runner shows about the journal. Call it after
 // Close for the complete picture.
+// HasMarker reports whether an entry with Config.MarkerIdentifier and
+// the message text has arrived: the guest logs one to learn when the host
+// has its journal up to that point, entries arriving in order.
+func (c *Collector) HasMarker(text string) bool { return c.sum.hasMarker(text) }
+
 func (c *Collector) Summary() Summary {
 	s := c.sum.snapshot()
 	s.TestUnit = c.cfg.TestUnit

@@ -59,7 +59,10 @@
 // Summary collects, while entries pass, the last lines of Config.TestUnit
 // (matched like `journalctl -u`: _SYSTEMD_UNIT, PID 1's UNIT=, privileged
 // OBJECT_SYSTEMD_UNIT=, core dumps), kernel splats and unit failures from
-// anywhere in the journal, the boots seen and any stream trouble.
-// WriteSummary prints it with the journalctl command to open the file.
+// anywhere in the journal, the boots seen and any stream trouble; and, for
+// the verdict, the test unit's result as PID 1 logged it, the core dumps
+// systemd-coredump logged and the sanitizer reports in any message
+// (findings.go). WriteSummary prints it with the journalctl command to
+// open the file.
 // Guest text is escaped before it reaches a terminal.
 package journalremote

@@ -58,6 +58,21 @@ type Summary struct {
 
 	// UnitResult is TestUnit's result as PID 1 logged it in the last boot.
 	UnitResult UnitResult
+
+	// Coredumps are the core dumps systemd-coredump logged, in all boots,
+	// one per crashed executable in the order first seen (findings.go);
+	// CoredumpsOmitted counts the dumps of executables past the first
+	// maxCoredumpExes. UntrustedCoredumps counts entries with the core
+	// dump MESSAGE_ID that systemd-coredump did not send; they are
+	// ignored.
+	Coredumps          []Coredump
+	CoredumpsOmitted   int
+	UntrustedCoredumps int
+	// SanitizerReports are the sanitizer reports in the journal's
+	// messages, one per program; SanitizerReportsOmitted counts the
+	// reports of programs past the first maxSanitizerPrograms.
+	SanitizerReports        []SanitizerReport
+	SanitizerReportsOmitted int
 }
 
 // UnitResult is a unit's result from PID 1's structured log messages:
@@ -237,10 +252,31 @@ type summarizer struct {
 	// unitResults holds the unit's result per canonical boot ID (at most
 	// maxBoots); the last boot's is the one that counts.
 	unitResults map[string]*UnitResult
+	// markerID is the SYSLOG_IDENTIFIER of marker entries; markers holds
+	// the last few markers' texts.
+	markerID string
+	markers  []string
+	// found are the core dumps and sanitizer reports (findings.go).
+	found findings
+}
+
+// maxMarkers bounds the markers remembered; the guest logs one per test
+// unit run.
+const maxMarkers = 16
+
+func (s *summarizer) hasMarker(text string) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for _, m := range s.markers {
+		if m == text {
+			return true
+		}
+	}
+	return false
 }
 
 func newSummarizer(unit string, lines int) *summarizer {
-	return &summarizer{unit: unit, ring: make([]unitLine, lines), problems: make(map[string]int), unitResults: make(map[string]*UnitResult)}
+	return &summarizer{unit: unit, ring: make([]unitLine, lines), problems: make(map[string]int), unitResults: make(map[string]*UnitResult), found: newFindings()}
 }
 
 func (s *summarizer) connection() int {
@@ -280,7 +316,9 @@ type fieldsOfInterest struct {
 	systemdUnit, unit, objectUnit, coredumpUnit, pid, uid, messageID,
 	message, transport, identifier, comm, syslogPID []byte
 	exitCode, exitStatus, command, unitResult []byte
-	haveMessage                               bool
+	coredumpExe, coredumpComm, coredumpPID,
+	coredumpSignal, coredumpSignalName, priority []byte
+	haveMessage bool
 }
 
 func (s *summarizer) observe(e *Entry, info entryInfo) {
@@ -320,6 +358,18 @@ func (s *summarizer) observe(e *Entry, info entryInfo) {
 			f.command = value
 		case "UNIT_RESULT":
 			f.unitResult = value
+		case "COREDUMP_EXE":
+			f.coredumpExe = value
+		case "COREDUMP_COMM":
+			f.coredumpComm = value
+		case "COREDUMP_PID":
+			f.coredumpPID = value
+		case "COREDUMP_SIGNAL":
+			f.coredumpSignal = value
+		case "COREDUMP_SIGNAL_NAME":
+			f.coredumpSignalName = value
+		case "PRIORITY":
+			f.priority = value
 		}
 	}
 
@@ -338,11 +388,21 @@ func (s *summarizer) observe(e *Entry, info entryInfo) {
 	if info.bootID != nil {
 		s.noteBoot(info.bootID)
 	}
+	if string(f.messageID) == coredumpMessageID {
+		s.found.noteCoredump(&f)
+	}
 	if !f.haveMessage {
 		return
 	}
+	s.found.scanSanitizer(&f)
 	if s.unit != "" && string(f.pid) == "1" && string(f.unit) == s.unit {
 		s.noteUnitResult(&f)
+	}
+	if s.markerID != "" && string(f.identifier) == s.markerID && string(f.uid) == "0" {
+		if len(s.markers) == maxMarkers {
+			s.markers = s.markers[1:]
+		}
+		s.markers = append(s.markers, string(clip(bytes.TrimSpace(f.message), 64)))
 	}
 	if s.unit != "" && s.aboutUnit(&f) {
 		s.sum.UnitLinesTotal++
@@ -542,6 +602,10 @@ func (s *summarizer) streamEnded(n int, bytes int64, kept int, err error, cutByC
 		return
 	case cutByClose && errors.Is(err, net.ErrClosed):
 		msg = fmt.Sprintf("connection %d was still open after the VM stopped; cut it after %d bytes", n, bytes)
+	case errors.Is(err, net.ErrClosed):
+		// The VM stopped (or was stopped once the test's outcome was
+		// decided) while journald still had its connection open.
+		msg = fmt.Sprintf("connection %d was still open when the VM stopped; cut it after %d bytes", n, bytes)
 	case errors.Is(err, ErrTruncated):
 		msg = fmt.Sprintf("connection %d ended inside an entry", n)
 	default:
@@ -562,6 +626,7 @@ func (s *summarizer) snapshot() Summary {
 	out.Boots = append([]string(nil), s.sum.Boots...)
 	out.Problems = append([]Problem(nil), s.sum.Problems...)
 	out.StreamErrors = append([]string(nil), s.sum.StreamErrors...)
+	s.found.snapshot(&out)
 	if n := len(s.sum.Boots); n > 0 {
 		if r := s.unitResults[s.sum.Boots[n-1]]; r != nil {
 			out.UnitResult = *r

@@ -2,6 +2,7 @@ package journalremote
 
 import (
 	"bytes"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -215,4 +216,22 @@ func TestSummaryUnitResult(t *testing.T) {
 			assert.Equal(t, tt.want, s.snapshot().UnitResult)
 		})
 	}
+}
+
+func TestSummaryMarkers(t *testing.T) {
+	s := newSummarizer("foo.service", 3)
+	s.markerID = "vmharness-journal-marker"
+	feed(s,
+		[]string{"_UID=0", "SYSLOG_IDENTIFIER=vmharness-journal-marker", "MESSAGE=abc123\n"},
+		[]string{"_UID=1000", "SYSLOG_IDENTIFIER=vmharness-journal-marker", "MESSAGE=forged"},
+		[]string{"_UID=0", "SYSLOG_IDENTIFIER=other", "MESSAGE=def456"},
+	)
+	assert.True(t, s.hasMarker("abc123"))
+	assert.False(t, s.hasMarker("forged"), "only root logs markers")
+	assert.False(t, s.hasMarker("def456"), "only the marker identifier counts")
+	for i := range 2 * maxMarkers {
+		feed(s, []string{"_UID=0", "SYSLOG_IDENTIFIER=vmharness-journal-marker", "MESSAGE=m" + strconv.Itoa(i)})
+	}
+	assert.True(t, s.hasMarker("m"+strconv.Itoa(2*maxMarkers-1)))
+	assert.False(t, s.hasMarker("abc123"), "markers are bounded")
 }

@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/vmharness/vmharness/harness"
+	"github.com/vmharness/vmharness/harness/verdict"
 )
 
 // runOptions are the flags of `vmharness run`. The flag set is the stable
@@ -35,9 +36,13 @@ type runOptions struct {
 	// expectFailure is --expect-failure: the run passes only if the test
 	// fails with a reason this matches.
 	expectFailure *regexp.Regexp
+	// fullShutdown waits for the guest's own shutdown after the test.
+	fullShutdown bool
 	// devices: --setenv, --disk, --firmware, --tpm (devices.go).
 	devices  deviceOptions
 	unitPath string
+	// exclude is --coredump-exclude and --sanitizer-exclude (findings.go).
+	exclude verdict.Exclusions
 }
 
 // stringList is a repeatable string flag.
@@ -65,8 +70,11 @@ func parseRunFlags(env *cliEnv, args []string) (*runOptions, error) {
 	fs.IntVar(&o.cpus, "cpus", 2, "guest CPUs")
 	fs.StringVar(&o.recipe, "recipe", "", "image recipe file (default: $VMHARNESS_RECIPE, else the built-in default image)")
 	fs.StringVar(&o.buildDir, "build-dir", env.getenv("VMHARNESS_BUILD_DIR"), "Meson build directory to install into the guest's root before it boots (env VMHARNESS_BUILD_DIR)")
+	fs.BoolVar(&o.fullShutdown, "full-shutdown", false, "after the test, let the guest shut down by itself (and log its shutdown) instead of stopping the VM once the outcome is decided")
 	o.devices.register(fs)
 	expectFailure := fs.String("expect-failure", "", "the test is expected to fail with a reason matching this regular expression: exit 0 if it does, 1 otherwise")
+	coredumpExclude := fs.String("coredump-exclude", "", "core dumps of executables whose path matches this regular expression do not fail the test")
+	sanitizerExclude := fs.String("sanitizer-exclude", "", "sanitizer reports of programs whose name matches this regular expression do not fail the test")
 	if keepVM != "" {
 		d, err := parseKeepDuration(keepVM)
 		if err != nil {
@@ -91,6 +99,11 @@ func parseRunFlags(env *cliEnv, args []string) (*runOptions, error) {
 		}
 		o.expectFailure = re
 	}
+	exclude, err := parseExclusions(*coredumpExclude, *sanitizerExclude)
+	if err != nil {
+		return nil, err
+	}
+	o.exclude = exclude
 	if o.memoryMiB < 256 || o.cpus < 1 {
 		return nil, errors.New("--memory must be at least 256 and --cpus at least 1")
 	}

@@ -27,6 +27,7 @@ func startJournal(ctx context.Context, r *testRun, l net.Listener, path, unit st
 		JournalPath:       path,
 		JournalRemotePath: r.env.getenv("VMHARNESS_JOURNAL_REMOTE"),
 		TestUnit:          unit,
+		MarkerIdentifier:  verdict.JournalMarkerIdentifier,
 	})
 	if err != nil {
 		return nil, err
@@ -59,6 +60,9 @@ func (j *journalRun) finish() error {
 	<-j.served
 	return err
 }
+
+// hasMarker reports whether the journal marker has arrived.
+func (j *journalRun) hasMarker(marker string) bool { return j.collector.HasMarker(marker) }
 
 // abort ends collection after a harness failure; the files are removed.
 func (j *journalRun) abort() {

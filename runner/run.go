@@ -208,6 +208,9 @@ func (r *testRun) run(ctx context.Context) int {
 		Disks:         opts.devices.parsedDisks,
 		Firmware:      opts.devices.parsedFirmware,
 		TPM:           opts.devices.tpm,
+		FullShutdown:  opts.fullShutdown,
+		JournalHas:    journal.hasMarker,
+		Exclude:       opts.exclude,
 		Timeout:       opts.timeout,
 		BootTimeout:   bootTimeout,
 		SkipTestUnit:  opts.interactive,
@@ -235,7 +238,7 @@ func (r *testRun) run(ctx context.Context) int {
 	// The journal is complete: its record of the test unit's result is the
 	// verdict's cross-check (and its fallback should the unit's own report
 	// have been lost).
-	outcome := res.Judge(journal.unitResult())
+	outcome := res.Judge(journal.unitResult(), journal.findings())
 	if shellDone != nil {
 		select {
 		case err := <-shellDone:
@@ -336,6 +339,12 @@ func (r *testRun) report(name string, unit harness.TestUnit, res *harness.Result
 		return
 	}
 	elapsed := res.Elapsed.Round(100 * time.Millisecond)
+	// Where the time went, from QEMU's start: the guest's first message
+	// ends kernel and initrd, the test's report ends the test, the exit
+	// status ends the guest's shutdown.
+	if tl := res.Timeline.String(); tl != "" {
+		r.logf("%s: timings: %s", name, tl)
+	}
 	switch {
 	case o.Passed():
 		r.logf("%s: PASS (%s)", name, elapsed)
@@ -356,6 +365,7 @@ func (r *testRun) report(name string, unit harness.TestUnit, res *harness.Result
 		r.logf("last console lines:\n%s", indent(strings.Join(tail, "\n")))
 	}
 	journal.summary(r.env.stderr)
+	journal.writeFindings(r.env.stderr, r.opts.exclude)
 	if o.ExitCode != harness.ExitHarnessError {
 		r.logf("to get a shell in this test's VM after it fails, rerun it with VMHARNESS_KEEP_FAILED_VM=30m (meson test --setup=keep %s)", name)
 	}

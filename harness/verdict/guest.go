@@ -33,6 +33,12 @@ const (
 	FieldTestResult     = "X_VMHARNESS_TEST_RESULT"
 	FieldTestExitCode   = "X_VMHARNESS_TEST_EXIT_CODE"
 	FieldTestExitStatus = "X_VMHARNESS_TEST_EXIT_STATUS"
+	// FieldSystemState is `systemctl is-system-running` when the test unit
+	// reported its result.
+	FieldSystemState = "X_VMHARNESS_SYSTEM_STATE"
+	// FieldInvocation is the test unit's $INVOCATION_ID, the text of its
+	// journal marker.
+	FieldInvocation = "X_VMHARNESS_INVOCATION"
 	// FieldEmergency names the emergency or rescue target the guest fell
 	// into, from the emergency-exit unit.
 	FieldEmergency = "X_VMHARNESS_EMERGENCY"
@@ -61,9 +67,28 @@ type GuestSetup struct {
 	RequireLayer bool
 }
 
+// JournalMarkerIdentifier is the SYSLOG_IDENTIFIER of the journal entry
+// the test unit logs, with its invocation ID as the message, right before
+// it reports its result: once the host has that entry, it has the test's
+// whole journal.
+const JournalMarkerIdentifier = "vmharness-journal-marker"
+
 // LayerMarker is the file the initrd writes once it applied a build-tree
 // layer (images/default's init-bottom/vmharness-layer).
 const LayerMarker = "/run/vmharness-layer"
+
+// waitForCoredumps waits until no process is dumping core, 3 minutes at
+// most (900 times 0.2 s): under TCG a small process's dump takes 5-10 s.
+// The kernel marks a crashed process "CoreDumping: 1" from the start of
+// its dump until systemd-coredump, which reads the core from a pipe, has
+// logged it and closes the pipe, so no dump in progress is missed between
+// the kernel's helper and the socket-activated service that finishes it.
+// One grep over /proc, far cheaper under TCG than asking PID 1. A shell
+// script for a unit file, where "$$" is "$".
+const waitForCoredumps = `i=0; ` +
+	`while grep -qs "^CoreDumping:[[:space:]]*1" /proc/[0-9]*/status; do ` +
+	`if test $$i -ge 900; then echo "vmharness: a process is still dumping core after 3 minutes; its core dump may be missing from the journal"; exit 0; fi; ` +
+	`i=$$((i+1)); sleep 0.2; done`
 
 // Files returns the credentials that install the protocol: the test unit's
 // drop-in, the condition check, and the emergency-exit unit with the
@@ -98,19 +123,34 @@ StandardError=journal+console
 # the limit is set out of reach instead.
 LogRateLimitIntervalSec=1s
 LogRateLimitBurst=1000000000
+# A core dump is processed by a systemd-coredump@ instance of
+# systemd-coredump.socket, which logs it when done (5-10 s under TCG).
+# A crashed process of this unit is gone, and its dump logged, before
+# ExecStopPost= runs (the kernel holds the process until its dump is
+# read, and PID 1 waits for the unit's processes), but a crash elsewhere
+# may still be in progress: wait for it before the journal marker below,
+# so that neither the success action nor the host, which stops the VM once
+# it has the marker, cuts the dump off.
+ExecStopPost=-+/bin/sh -c '%[12]s'
 # journald may still be working through the unit's output when it exits
 # (under TCG it forwards a few hundred lines a second); the success or
 # failure action would power the VM off and lose the rest. --sync returns
-# once journald has processed (and so forwarded) everything queued.
+# once journald has processed (and so forwarded) everything queued. The
+# marker before it lets the host see when the journal up to here has
+# arrived: it is forwarded after every line the test logged.
+ExecStopPost=-+/usr/bin/systemd-cat -t %[10]s /bin/echo ${INVOCATION_ID}
 ExecStopPost=-+/usr/bin/journalctl --sync
 # The unit's own result goes to the host: the exit status PID 1 forwards
-# cannot tell a failure with status 123 from the success action.
-ExecStopPost=-+%[3]s %[4]s=${SERVICE_RESULT} %[6]s=${EXIT_CODE} %[7]s=${EXIT_STATUS}
+# cannot tell a failure with status 123 from the success action. With it
+# goes the manager's state: "stopping" means a shutdown is already under
+# way, and PID 1 then skips the success action.
+ExecStopPost=-+/bin/sh -c '%[3]s %[4]s="$$SERVICE_RESULT" %[6]s="$$EXIT_CODE" %[7]s="$$EXIT_STATUS" %[9]s="$$(systemctl is-system-running)" %[11]s="$$INVOCATION_ID"'
 # ExecStopPost= counts against TimeoutStopSec= (90s by default), and
 # journald may need longer than that for a chatty test under TCG; the
 # harness's own --timeout bounds the whole run instead.
 TimeoutStopSec=infinity
-`, GuestStatusPass, failureAction, notify, FieldTestResult, ConditionCheckUnit, FieldTestExitCode, FieldTestExitStatus, requireLayer)
+`, GuestStatusPass, failureAction, notify, FieldTestResult, ConditionCheckUnit, FieldTestExitCode, FieldTestExitStatus, requireLayer, FieldSystemState,
+		JournalMarkerIdentifier, FieldInvocation, waitForCoredumps)
 
 	// Runs once the test unit's start job is over; it only acts when the
 	// unit never ran. A test that ran has fired its success or failure

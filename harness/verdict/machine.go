@@ -42,6 +42,9 @@ const (
 	// StopTestOver: a kept-on-failure VM's test ended without a failure
 	// (a skip), so there is nothing to keep it for.
 	StopTestOver
+	// StopVerdictReached: the test's outcome is decided and its journal
+	// complete (Step.Final); the guest's shutdown would add nothing.
+	StopVerdictReached
 )
 
 // QEMUExited is QEMU's end.
@@ -82,6 +85,13 @@ type Step struct {
 	Hold *Outcome
 	// StopNow: stop the VM; its test is over (see StopTestOver).
 	StopNow bool
+	// TestEnded: the test unit reported its result (for timings).
+	TestEnded bool
+	// Final: the outcome is decided; stop the VM once the journal holds
+	// JournalMarker (the test's journal is then complete) rather than wait
+	// for the guest's shutdown (Config.FullShutdown turns this off).
+	Final         bool
+	JournalMarker string
 }
 
 // Config is the part of a run that the verdict depends on.
@@ -91,6 +101,12 @@ type Config struct {
 	// TestNotStarted is shell mode: the guest boots with the test unit
 	// installed but not started, so the test has no result.
 	TestNotStarted bool
+	// FullShutdown waits for the guest's own shutdown after the test
+	// instead of stopping the VM once the outcome is decided.
+	FullShutdown bool
+	// Exclude are the core dumps and sanitizer reports that do not fail
+	// the test (JournalFindings).
+	Exclude Exclusions
 }
 
 // Verdict decides a test's outcome. Feed it every event with Handle, then
@@ -104,11 +120,18 @@ type Verdict struct {
 	exitStatus *int   // PID 1's final EXIT_STATUS (-1: malformed)
 	unit       *UnitResult
 	emergency  string // emergency or rescue target reached
+	// systemState is the manager's state when the unit reported.
+	systemState string
 
-	held    *Outcome
-	stopped *Stopped
-	qemu    *QEMUExited
-	journal *JournalUnitResult
+	held  *Outcome
+	final *Outcome
+	// finalUnit is the report the final outcome was decided from.
+	finalUnit UnitResult
+	stopped   *Stopped
+	qemu      *QEMUExited
+	journal   *JournalUnitResult
+	// findings are the journal's core dumps and sanitizer reports.
+	findings *JournalFindings
 }
 
 // New returns a verdict for a run configured as cfg.
@@ -133,6 +156,8 @@ func (v *Verdict) Handle(e Event) Step {
 		}
 	case JournalUnitResult:
 		v.journal = &e
+	case JournalFindings:
+		v.findings = &e
 	}
 	return Step{}
 }
@@ -162,16 +187,21 @@ func (v *Verdict) notify(m Notify) Step {
 	}
 	if r, ok := m[FieldTestResult]; ok && !rebooting(v.shutdown) {
 		v.unit = &UnitResult{Result: r, ExitCode: m[FieldTestExitCode], ExitStatus: m[FieldTestExitStatus]}
-		if v.cfg.KeepOnFailure && v.held == nil {
-			switch o := v.unit.outcome(); {
-			case o.Failed():
-				v.held = &o
-				step.Hold = &o
-			case o.Skipped():
-				// The failure action is off in keep mode: the VM would
-				// stay up after a skip.
-				step.StopNow = true
-			}
+		v.systemState = m[FieldSystemState]
+		step.TestEnded = true
+		o := v.unit.outcome()
+		switch {
+		case v.cfg.KeepOnFailure && v.held == nil && o.Failed():
+			v.held = &o
+			step.Hold = &o
+		case v.cfg.KeepOnFailure && o.Skipped():
+			// The failure action is off in keep mode: the VM would
+			// stay up after a skip.
+			step.StopNow = true
+		case !v.cfg.FullShutdown && v.final == nil && v.decidedBy(*v.unit):
+			v.final, v.finalUnit = &o, *v.unit
+			step.Final = true
+			step.JournalMarker = sanitize(m[FieldInvocation], 64)
 		}
 	}
 	if verb, ok := m["X_SYSTEMD_SHUTDOWN"]; ok {
@@ -197,8 +227,39 @@ func (v *Verdict) notify(m Notify) Step {
 	return step
 }
 
+// decidedBy reports whether the unit's report alone decides the outcome,
+// so the guest's shutdown can be skipped. The report comes after the
+// journal was synced. It decides when the unit ended by itself (success or
+// an exit status, or never ran: a condition or assertion), the guest is
+// not in emergency mode and no shutdown is under way: PID 1 skips the
+// success action exactly when one is (shutdown.target active or pending,
+// which is what `systemctl is-system-running` reports as "stopping"), and
+// a shutdown may be a reboot after which the test runs again. A unit
+// killed by a signal waits for the end: a reboot or an isolate stops a
+// test that way.
+func (v *Verdict) decidedBy(u UnitResult) bool {
+	if v.emergency != "" || v.shutdown != "" {
+		return false
+	}
+	switch u.Result {
+	case ResultCondition, ResultAssert:
+		return true
+	case "success", "exit-code":
+		if u.ExitCode != "exited" {
+			return false
+		}
+	default:
+		return false
+	}
+	switch v.systemState {
+	case "initializing", "starting", "running", "degraded":
+		return true
+	}
+	return false
+}
+
 func (v *Verdict) newBoot() {
-	v.shutdown, v.exitStatus, v.unit, v.emergency = "", nil, nil, ""
+	v.shutdown, v.exitStatus, v.unit, v.emergency, v.systemState = "", nil, nil, "", ""
 }
 
 // shutdownTargets are reached while a guest shuts down. Each notify
@@ -223,8 +284,19 @@ func rebooting(shutdown string) bool {
 // meant to be read once QEMU has exited (and, if there is one, the journal
 // is complete), but is defined at any point.
 func (v *Verdict) Outcome() Outcome {
+	return v.withFindings(v.outcome())
+}
+
+// outcome is the outcome before the journal's findings (findings.go).
+func (v *Verdict) outcome() Outcome {
 	if v.held != nil {
 		return *v.held
+	}
+	if v.final != nil {
+		if v.journal != nil && v.journal.Found && disagree(v.finalUnit, v.journal.Result) {
+			return fail(fmt.Sprintf("the test unit's result over vsock (%s) and in its journal (%s) disagree", &v.finalUnit, &v.journal.Result))
+		}
+		return *v.final
 	}
 	if v.qemu != nil && v.qemu.Signal == "" && v.stopped == nil && v.unit == nil {
 		// A panic before the guest's service manager spoke (the project's
@@ -384,7 +456,7 @@ func (v *Verdict) stopReason() Outcome {
 		return fail("interrupted: " + s.Detail)
 	case StopShellExited:
 		return skip("shell mode: the test unit was installed but not run")
-	case StopKeepTimeUp, StopTestOver:
+	case StopKeepTimeUp, StopTestOver, StopVerdictReached:
 		// Only after a Hold or a skip; the unit's result decided.
 		return fail("VM stopped by the harness")
 	}

@@ -18,9 +18,17 @@ var (
 	reboot = func(status string) Notify {
 		return Notify{"EXIT_STATUS": status, "X_SYSTEMD_SHUTDOWN": "reboot"}
 	}
+	// report is the test unit's report without the manager's state (as a
+	// guest of an older vmharness sends it), reportIn with it.
 	report = func(result, code, status string) Notify {
 		return Notify{FieldTestResult: result, FieldTestExitCode: code, FieldTestExitStatus: status}
 	}
+	reportIn = func(state, result, code, status string) Notify {
+		n := report(result, code, status)
+		n[FieldSystemState] = state
+		return n
+	}
+	weStopped    = Stopped{Why: StopVerdictReached}
 	qemuOK       = QEMUExited{}
 	qemuPanicked = QEMUExited{Status: 1}
 )
@@ -38,6 +46,57 @@ func TestOutcome(t *testing.T) {
 			name:     "pass: the unit succeeded and its success action fired",
 			events:   []Event{booted, report("success", "exited", "0"), poweroff("123"), qemuOK},
 			wantCode: ExitPass,
+		},
+		{
+			name:     "pass decided by the report: the guest's shutdown is skipped",
+			events:   []Event{booted, reportIn("starting", "success", "exited", "0"), weStopped, QEMUExited{Signal: "terminated"}},
+			wantCode: ExitPass,
+		},
+		{
+			name:       "failure decided by the report",
+			events:     []Event{booted, reportIn("running", "exit-code", "exited", "123"), weStopped, QEMUExited{Signal: "terminated"}},
+			wantCode:   ExitFail,
+			wantReason: "test exited with status 123",
+		},
+		{
+			name:       "skip decided by the report",
+			events:     []Event{booted, reportIn("degraded", "exit-code", "exited", "77"), weStopped, QEMUExited{Signal: "terminated"}},
+			wantCode:   ExitSkip,
+			wantReason: "exit status 77",
+		},
+		{
+			name:       "a success while a shutdown is under way is not a pass (PID 1 skips the success action)",
+			events:     []Event{booted, reportIn("stopping", "success", "exited", "0"), poweroff("0"), qemuOK},
+			wantCode:   ExitFail,
+			wantReason: "VM powered off before the test finished",
+		},
+		{
+			name: "a unit killed while the guest isolates emergency.target waits for the end",
+			events: []Event{booted, reportIn("starting", "signal", "killed", "TERM"),
+				Notify{FieldEmergency: "emergency.target"}, poweroff("124"), qemuOK},
+			wantCode:   ExitFail,
+			wantReason: "guest fell into emergency mode",
+		},
+		{
+			name: "a test that reboots: the first boot's report comes while stopping",
+			events: []Event{booted, reportIn("stopping", "success", "exited", "0"), reboot("0"),
+				booted, reportIn("running", "exit-code", "exited", "4"), weStopped, QEMUExited{Signal: "terminated"}},
+			wantCode:   ExitFail,
+			wantReason: "test exited with status 4",
+		},
+		{
+			name: "a decided result and a contradicting journal",
+			events: []Event{booted, reportIn("running", "success", "exited", "0"), weStopped, QEMUExited{Signal: "terminated"},
+				JournalUnitResult{Found: true, Result: UnitResult{Result: "exit-code", ExitCode: "exited", ExitStatus: "1"}}},
+			wantCode:   ExitFail,
+			wantReason: "disagree",
+		},
+		{
+			name:       "--full-shutdown: the report does not decide; the success action must fire",
+			cfg:        Config{FullShutdown: true},
+			events:     []Event{booted, reportIn("running", "success", "exited", "0"), poweroff("0"), qemuOK},
+			wantCode:   ExitFail,
+			wantReason: "VM powered off before the test finished",
 		},
 		{
 			name:     "pass: the report arrives after EXIT_STATUS (separate connections)",
@@ -403,12 +462,15 @@ func TestOutcome(t *testing.T) {
 // with the unit's own success and the success action's status.
 func TestOnlyTheUnitsSuccessPasses(t *testing.T) {
 	reports := []*Notify{nil}
-	for _, r := range []Notify{
-		report("success", "exited", "0"), report("exit-code", "exited", "123"),
-		report("exit-code", "exited", "77"), report("signal", "killed", "KILL"),
-		report(ResultCondition, "", ""), report("timeout", "killed", "TERM"),
-	} {
-		reports = append(reports, &r)
+	for _, state := range []string{"", "running", "stopping"} {
+		for _, r := range []Notify{
+			reportIn(state, "success", "exited", "0"), reportIn(state, "exit-code", "exited", "123"),
+			reportIn(state, "exit-code", "exited", "77"), reportIn(state, "signal", "killed", "KILL"),
+			reportIn(state, ResultCondition, "", ""), reportIn(state, "timeout", "killed", "TERM"),
+			reportIn(state, "success", "killed", "TERM"),
+		} {
+			reports = append(reports, &r)
+		}
 	}
 	statuses := []*Notify{nil}
 	for _, s := range []string{"0", "1", "77", "123", "124", "x"} {
@@ -418,7 +480,7 @@ func TestOnlyTheUnitsSuccessPasses(t *testing.T) {
 		statuses = append(statuses, &r)
 	}
 	ends := []Event{qemuOK, qemuPanicked, QEMUExited{Signal: "killed"},
-		Stopped{Why: StopTimeout}, Stopped{Why: StopInterrupted}}
+		Stopped{Why: StopTimeout}, Stopped{Why: StopInterrupted}, weStopped}
 	journals := []*JournalUnitResult{nil,
 		{Found: true, Result: UnitResult{Result: "success", ExitCode: "exited", ExitStatus: "0"}},
 		{Found: true, Result: UnitResult{Result: "exit-code", ExitCode: "exited", ExitStatus: "123"}}}
@@ -445,9 +507,15 @@ func TestOnlyTheUnitsSuccessPasses(t *testing.T) {
 						unitOK := r != nil && (*r)[FieldTestResult] == "success" ||
 							r == nil && j != nil && j.Result.Result == "success"
 						require.True(t, unitOK, "pass without the unit's success: report %v journal %v", r, j)
-						require.NotNil(t, s, "pass without EXIT_STATUS")
-						require.Equal(t, "123", (*s)["EXIT_STATUS"])
-						require.Equal(t, "poweroff", (*s)["X_SYSTEMD_SHUTDOWN"])
+						// The success action fired, or the unit reported
+						// success while no shutdown was under way, so that
+						// PID 1 was bound to fire it.
+						decided := r != nil && (*r)[FieldTestResult] == "success" && (*r)[FieldTestExitCode] == "exited" && (*r)[FieldSystemState] == "running"
+						if !decided {
+							require.NotNil(t, s, "pass without EXIT_STATUS: report %v end %#v journal %v keep %v", r, end, j, keep)
+							require.Equal(t, "123", (*s)["EXIT_STATUS"])
+							require.Equal(t, "poweroff", (*s)["X_SYSTEMD_SHUTDOWN"])
+						}
 					}
 				}
 			}
@@ -465,14 +533,20 @@ func TestSteps(t *testing.T) {
 	assert.Equal(t, Step{Rebooting: true}, v.Handle(reboot("0")))
 	assert.Equal(t, Step{}, v.Handle(booted))
 	step := v.Handle(report("exit-code", "exited", "5"))
+	assert.True(t, step.TestEnded)
 	require.NotNil(t, step.Hold)
 	assert.Equal(t, "test exited with status 5", step.Hold.Reason)
-	assert.Nil(t, v.Handle(report("exit-code", "exited", "6")).Hold, "a test is held once")
+	assert.Equal(t, Step{TestEnded: true}, v.Handle(report("exit-code", "exited", "6")), "a test is held once")
 	assert.Equal(t, Step{AwaitPowerOff: true}, v.Handle(poweroff("5")))
 
 	v = New(Config{KeepOnFailure: true})
-	assert.Equal(t, Step{StopNow: true}, v.Handle(report("exit-code", "exited", "77")))
+	assert.Equal(t, Step{StopNow: true, TestEnded: true}, v.Handle(report("exit-code", "exited", "77")))
 
 	v = New(Config{})
-	assert.Equal(t, Step{}, v.Handle(report("exit-code", "exited", "5")), "without keep mode a failure ends the VM by itself")
+	assert.Equal(t, Step{TestEnded: true}, v.Handle(report("exit-code", "exited", "5")), "without the manager's state a failure ends the VM by itself")
+
+	v = New(Config{})
+	decided := reportIn("running", "exit-code", "exited", "5")
+	decided[FieldInvocation] = "0123abcd\x1b"
+	assert.Equal(t, Step{TestEnded: true, Final: true, JournalMarker: "0123abcd?"}, v.Handle(decided), "the marker is sanitized")
 }

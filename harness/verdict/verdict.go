@@ -1,14 +1,16 @@
 // Package verdict owns the result protocol of one test VM: what is
 // installed in the guest so that it reports the test's result, what the
 // guest reports back (sd_notify messages from PID 1 and from the test unit
-// itself, and the unit's result as recorded in its journal), and the
-// decision, from the sequence of those events and of the VM's own end
-// (QEMU's exit, timers, signals), of what Meson is told.
+// itself, the unit's result as recorded in its journal, and the core dumps
+// and sanitizer reports in that journal), and the decision, from the
+// sequence of those events and of the VM's own end (QEMU's exit, timers,
+// signals), of what Meson is told.
 //
 // The decision is a state machine fed by events (Verdict.Handle) with no
 // I/O of its own, so every way a test can end is table-tested without a VM.
 // The one rule it exists to enforce: nothing but the test unit's own
-// success, followed by its success action, is a pass.
+// success, followed by its success action, is a pass (and not even that
+// when the guest dumped core or printed a sanitizer report).
 package verdict
 
 import (

@@ -61,7 +61,9 @@ const (
 var (
 	// ErrDeviceStopped is the error of connections that were open when the
 	// front-end stopped the device (guest reboot, driver reset, QEMU exit).
-	ErrDeviceStopped = errors.New("vsock device stopped: the guest's virtio driver or the VM went away")
+	// It is a net.ErrClosed: the connection is over, through nobody's fault
+	// on this side.
+	ErrDeviceStopped = fmt.Errorf("vsock device stopped: the guest's virtio driver or the VM went away: %w", net.ErrClosed)
 	// ErrDeviceClosed is returned by operations on a closed Device.
 	ErrDeviceClosed = errors.New("vsock device closed")
 
