@@ -77,6 +77,17 @@ type Config struct {
 	// Layer, if set, is a build-tree layer archive (images/layer) the
 	// guest's initrd unpacks over the root file system before PID 1.
 	Layer string
+	// Env is set in the test unit's environment; Disks are extra empty
+	// disks made in WorkDir; Firmware is linux (the default), uefi or
+	// uefi-secure-boot; TPM gives the VM a swtpm TPM 2.0 (devices.go).
+	Env      []EnvVar
+	Disks    []Disk
+	Firmware Firmware
+	TPM      bool
+	// SWTPM is the swtpm binary (default "swtpm"); FirmwareDescriptorDirs
+	// override where QEMU's firmware descriptors are looked for.
+	SWTPM                  string
+	FirmwareDescriptorDirs []string
 	// Exclude are the core dumps and sanitizer reports that do not fail
 	// the test (verdict.JournalFindings).
 	Exclude verdict.Exclusions
@@ -148,6 +159,7 @@ type Machine struct {
 	// closes it (Close does, if Run never runs).
 	notifyL net.Listener
 	verdict *verdict.Verdict
+	devices *devices
 
 	mu   sync.Mutex
 	proc *os.Process
@@ -188,11 +200,16 @@ func NewMachine(ctx context.Context, cfg Config) (*Machine, error) {
 		}
 	}
 
+	devs, err := newDevices(cfg)
+	if err != nil {
+		return nil, err
+	}
+
 	notifyL, notifyPort, err := vsock.ListenFree(cfg.Transport)
 	if err != nil {
 		return nil, fmt.Errorf("listening for the guest's notifications: %w", err)
 	}
-	m := &Machine{cfg: cfg, cpu: cfg.CPUModel, notifyL: notifyL}
+	m := &Machine{cfg: cfg, cpu: cfg.CPUModel, notifyL: notifyL, devices: devs}
 	ok := false
 	defer func() {
 		if !ok {
@@ -203,6 +220,7 @@ func NewMachine(ctx context.Context, cfg Config) (*Machine, error) {
 	guest := verdict.GuestSetup{Unit: cfg.Unit.Name, NotifyAddress: notifyAddr, KeepOnFailure: cfg.KeepOnFailure != nil, RequireLayer: cfg.Layer != ""}
 	m.verdict = verdict.New(verdict.Config{KeepOnFailure: guest.KeepOnFailure, TestNotStarted: cfg.SkipTestUnit, FullShutdown: cfg.FullShutdown, Exclude: cfg.Exclude})
 	creds := testUnitCredentials(cfg.Unit, guest)
+	creds = devs.guestCredentials(creds, cfg.Unit.Name)
 	creds = append(creds, Credential{Name: "vmm.notify_socket", Value: []byte(notifyAddr)})
 	creds = append(creds, cfg.Credentials...)
 	if err := CheckCredentialSizes(creds); err != nil {
@@ -220,6 +238,12 @@ func NewMachine(ctx context.Context, cfg Config) (*Machine, error) {
 	m.overlay = filepath.Join(cfg.WorkDir, "overlay.qcow2")
 	if err := createOverlay(ctx, m.overlay, cfg.Image); err != nil {
 		return nil, err
+	}
+	if err := devs.create(ctx, cfg.WorkDir); err != nil {
+		return nil, err
+	}
+	if d := devs.describe(); d != "" {
+		cfg.Logf("%s: %s", cfg.Name, d)
 	}
 	smbiosArgs, err := writeSMBIOSFiles(cfg.WorkDir, creds)
 	if err != nil {
@@ -327,6 +351,7 @@ func (m *Machine) qemuArgs(smbiosArgs []string) []string {
 			"-drive", "if=none,id=layer,file="+QEMUOptionValue(cfg.Layer)+",format=raw,readonly=on",
 			"-device", "virtio-blk-pci,drive=layer,serial=vmharness-layer")
 	}
+	args = append(args, m.devices.qemuArgs()...)
 	args = append(args, cfg.Transport.QEMUArgs()...)
 	args = append(args, smbiosArgs...)
 	return append(args, cfg.QEMUArgs...)
@@ -380,6 +405,17 @@ func (m *Machine) Run(ctx context.Context, started func(pid int)) (*Result, erro
 		serveNotify(notifyCtx, m.notifyL, msgs, cfg.Logf)
 	}()
 	defer func() { stopNotify(); <-notifyDone }()
+
+	// The TPM must be listening when QEMU starts, and goes when QEMU has.
+	stopTPM, err := m.devices.startTPM()
+	if err != nil {
+		return nil, err
+	}
+	defer func() {
+		if err := stopTPM(); err != nil {
+			cfg.Logf("%s: stopping the TPM: %v", cfg.Name, err)
+		}
+	}()
 
 	exited := make(chan error, 1)
 	startErr := make(chan error, 1)

@@ -38,7 +38,9 @@ type runOptions struct {
 	expectFailure *regexp.Regexp
 	// fullShutdown waits for the guest's own shutdown after the test.
 	fullShutdown bool
-	unitPath     string
+	// devices: --setenv, --disk, --firmware, --tpm (devices.go).
+	devices  deviceOptions
+	unitPath string
 	// exclude is --coredump-exclude and --sanitizer-exclude (findings.go).
 	exclude verdict.Exclusions
 }
@@ -69,6 +71,7 @@ func parseRunFlags(env *cliEnv, args []string) (*runOptions, error) {
 	fs.StringVar(&o.recipe, "recipe", "", "image recipe file (default: $VMHARNESS_RECIPE, else the built-in default image)")
 	fs.StringVar(&o.buildDir, "build-dir", env.getenv("VMHARNESS_BUILD_DIR"), "Meson build directory to install into the guest's root before it boots (env VMHARNESS_BUILD_DIR)")
 	fs.BoolVar(&o.fullShutdown, "full-shutdown", false, "after the test, let the guest shut down by itself (and log its shutdown) instead of stopping the VM once the outcome is decided")
+	o.devices.register(fs)
 	expectFailure := fs.String("expect-failure", "", "the test is expected to fail with a reason matching this regular expression: exit 0 if it does, 1 otherwise")
 	coredumpExclude := fs.String("coredump-exclude", "", "core dumps of executables whose path matches this regular expression do not fail the test")
 	sanitizerExclude := fs.String("sanitizer-exclude", "", "sanitizer reports of programs whose name matches this regular expression do not fail the test")
@@ -86,6 +89,9 @@ func parseRunFlags(env *cliEnv, args []string) (*runOptions, error) {
 		return nil, errors.New("usage: vmharness run [flags] UNIT_FILE (exactly one unit file)")
 	}
 	o.unitPath = fs.Arg(0)
+	if err := o.devices.parse(env.getenv); err != nil {
+		return nil, err
+	}
 	if *expectFailure != "" {
 		re, err := regexp.Compile(*expectFailure)
 		if err != nil {

@@ -63,6 +63,9 @@ func (r *testRun) run(ctx context.Context) int {
 		}
 		creds = append(creds, c)
 	}
+	if err := harness.CheckHostSupport(opts.devices.parsedFirmware, opts.devices.tpm); err != nil {
+		return r.fail("%v", err)
+	}
 	keepJournal, err := parseKeepPolicy(opts.keepJournal)
 	if err != nil {
 		return r.fail("%v", err)
@@ -201,6 +204,10 @@ func (r *testRun) run(ctx context.Context) int {
 		ConsoleLog:    consoleLog,
 		Transport:     transport,
 		Layer:         layer,
+		Env:           opts.devices.env,
+		Disks:         opts.devices.parsedDisks,
+		Firmware:      opts.devices.parsedFirmware,
+		TPM:           opts.devices.tpm,
 		FullShutdown:  opts.fullShutdown,
 		JournalHas:    journal.hasMarker,
 		Exclude:       opts.exclude,
