@@ -36,6 +36,8 @@ type runOptions struct {
 	// fails with a reason this matches.
 	expectFailure *regexp.Regexp
 	unitPath      string
+	// ci holds --no-retry and --report-dir (attempts.go).
+	ci ciOptions
 }
 
 // stringList is a repeatable string flag.
@@ -64,6 +66,7 @@ func parseRunFlags(env *cliEnv, args []string) (*runOptions, error) {
 	fs.StringVar(&o.recipe, "recipe", "", "image recipe file (default: $VMHARNESS_RECIPE, else the built-in default image)")
 	fs.StringVar(&o.buildDir, "build-dir", env.getenv("VMHARNESS_BUILD_DIR"), "Meson build directory to install into the guest's root before it boots (env VMHARNESS_BUILD_DIR)")
 	expectFailure := fs.String("expect-failure", "", "the test is expected to fail with a reason matching this regular expression: exit 0 if it does, 1 otherwise")
+	o.ci.register(fs, env)
 	if keepVM != "" {
 		d, err := parseKeepDuration(keepVM)
 		if err != nil {
@@ -125,6 +128,5 @@ func cmdRun(ctx context.Context, env *cliEnv, args []string) int {
 	if opts.keepVM > 0 && !opts.interactive && env.getenv(supervisorFDEnv) == "" {
 		return runDetached(ctx, env, args)
 	}
-	r := &testRun{env: env, opts: opts}
-	return r.run(ctx)
+	return runAttempts(ctx, env, opts)
 }

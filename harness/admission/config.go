@@ -2,7 +2,6 @@ package admission
 
 import (
 	"fmt"
-	"path/filepath"
 	"strconv"
 	"strings"
 	"time"
@@ -19,7 +18,8 @@ const (
 
 // Config is how a host admits VMs.
 type Config struct {
-	// Dir holds the tickets (created 0700).
+	// Dir holds the tickets and the queue's lock (created 0700 if
+	// missing): the runtime directory, shared by every runner of the user.
 	Dir string
 	// MaxVMs is the most VMs that run at once; MaxVMsFromEnv says whether
 	// VMHARNESS_MAX_VMS set it (for messages).
@@ -40,7 +40,7 @@ type MemInfo struct{ TotalMiB, AvailableMiB int }
 // CPUs and the environment's overrides.
 func ConfigFromEnv(getenv func(string) string, runtimeDir string, ncpu int) (Config, error) {
 	cfg := Config{
-		Dir:        filepath.Join(runtimeDir, "slots"),
+		Dir:        runtimeDir,
 		MaxVMs:     DefaultMaxVMs(ncpu),
 		ReserveMiB: DefaultReserveMiB,
 	}

@@ -4,14 +4,16 @@
 // speed, and the rest wait their turn instead of slowing every VM down
 // until boots time out.
 //
-// There is no daemon. Every run that wants to start a VM takes a ticket: a
-// file in a directory under the runtime directory, on which it holds an
-// exclusive flock for as long as it waits or its VM runs. Tickets are
-// numbered from a counter, which makes the queue first come, first served.
-// A waiting run polls: under the directory's lock it lists the tickets,
-// removes those whose owner is gone (their flock is free: a runner killed
-// with SIGKILL releases its ticket with its last fd), and asks Decide
-// whether it may start. Decide is a pure function of that state.
+// There is no daemon. Every run that wants to start a VM takes a ticket,
+// a file admission-NNNNNNNNNNNN.ticket in the runtime directory (next to
+// the registry's entries), and holds an exclusive flock on it for as long
+// as it waits or its VM runs. A new ticket is numbered one above the
+// highest there is, which makes the queue first come, first served. A
+// waiting run polls: under the queue's lock (admission.lock) it lists the
+// tickets, removes those whose owner is gone (their flock is free: a
+// runner killed with SIGKILL releases its ticket with its last fd), and
+// asks Decide whether it may start. Decide is a pure function of that
+// state.
 package admission
 
 import (

@@ -108,7 +108,7 @@ func TestConfigFromEnv(t *testing.T) {
 				return
 			}
 			require.NoError(t, err)
-			assert.Equal(t, "/run/x/slots", cfg.Dir)
+			assert.Equal(t, "/run/x", cfg.Dir)
 			assert.Equal(t, tt.wantMax, cfg.MaxVMs)
 			assert.Equal(t, tt.wantFromEnv, cfg.MaxVMsFromEnv)
 			assert.Equal(t, tt.wantReserve, cfg.ReserveMiB)

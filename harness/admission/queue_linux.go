@@ -66,7 +66,9 @@ type ticket struct {
 	QueuedAt  time.Time `json:"queued_at"`
 }
 
-const ticketPrefix, ticketSuffix = "ticket-", ".json"
+// Tickets and the queue's lock live next to the registry's files in the
+// runtime directory, under names the registry leaves alone.
+const ticketPrefix, ticketSuffix, lockName = "admission-", ".ticket", "admission.lock"
 
 // Admit queues the VM and returns once it may start, or with ctx's cause
 // when ctx ends first (a SIGTERM while waiting). onWait is called once,
@@ -126,7 +128,7 @@ type queue struct{ cfg Config }
 
 // lock serialises every look at and change of the queue.
 func (q *queue) lock() (unlock func(), err error) {
-	f, err := os.OpenFile(filepath.Join(q.cfg.Dir, "queue.lock"), os.O_RDWR|os.O_CREATE, 0o600)
+	f, err := os.OpenFile(filepath.Join(q.cfg.Dir, lockName), os.O_RDWR|os.O_CREATE, 0o600)
 	if err != nil {
 		return nil, fmt.Errorf("VM admission lock: %w", err)
 	}
