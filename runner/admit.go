@@ -26,13 +26,13 @@ func (r *testRun) admit(ctx context.Context, name string) (int, bool) {
 	if err != nil {
 		return r.fail("%v", err), false
 	}
-	limit := "the default, one per host CPU; VMHARNESS_MAX_VMS sets it"
+	limit := "the default limit, one VM per host CPU; VMHARNESS_MAX_VMS sets it"
 	if cfg.MaxVMsFromEnv {
-		limit = "from VMHARNESS_MAX_VMS"
+		limit = "limit from VMHARNESS_MAX_VMS"
 	}
 	start := time.Now()
 	slot, err := admission.Admit(ctx, cfg, admission.Request{Name: name, MemoryMiB: r.opts.memoryMiB}, func(w admission.Waiting) {
-		r.logf("%s: waiting for a VM slot: %s (limit %s); the boot timeout starts once admitted", name, w, limit)
+		r.logf("%s: waiting for a VM slot: %s (%s); the boot timeout starts once admitted", name, w, limit)
 	})
 	if err != nil {
 		r.attempt.wait = time.Since(start)
