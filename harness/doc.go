@@ -7,5 +7,6 @@
 //
 // Subpackages hold the pieces with a job of their own: vsock (the per-VM
 // transport), vhostuser, virtq and vsockdev (the userspace vsock device),
-// registry (running VMs) and sshkey.
+// registry (running VMs), admission (how many VMs run at once on a host)
+// and sshkey.
 package harness

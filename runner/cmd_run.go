@@ -39,10 +39,12 @@ type runOptions struct {
 	// fullShutdown waits for the guest's own shutdown after the test.
 	fullShutdown bool
 	// devices: --setenv, --disk, --firmware, --tpm (devices.go).
-	devices  deviceOptions
-	unitPath string
+	devices deviceOptions
 	// exclude is --coredump-exclude and --sanitizer-exclude (findings.go).
-	exclude verdict.Exclusions
+	exclude  verdict.Exclusions
+	unitPath string
+	// ci holds --no-retry and --report-dir (attempts.go).
+	ci ciOptions
 }
 
 // stringList is a repeatable string flag.
@@ -75,6 +77,7 @@ func parseRunFlags(env *cliEnv, args []string) (*runOptions, error) {
 	expectFailure := fs.String("expect-failure", "", "the test is expected to fail with a reason matching this regular expression: exit 0 if it does, 1 otherwise")
 	coredumpExclude := fs.String("coredump-exclude", "", "core dumps of executables whose path matches this regular expression do not fail the test")
 	sanitizerExclude := fs.String("sanitizer-exclude", "", "sanitizer reports of programs whose name matches this regular expression do not fail the test")
+	o.ci.register(fs, env)
 	if keepVM != "" {
 		d, err := parseKeepDuration(keepVM)
 		if err != nil {
@@ -144,6 +147,5 @@ func cmdRun(ctx context.Context, env *cliEnv, args []string) int {
 	if opts.keepVM > 0 && !opts.interactive && env.getenv(supervisorFDEnv) == "" {
 		return runDetached(ctx, env, args)
 	}
-	r := &testRun{env: env, opts: opts}
-	return r.run(ctx)
+	return runAttempts(ctx, env, opts)
 }

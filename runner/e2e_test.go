@@ -207,12 +207,13 @@ func TestE2ESIGTERM(t *testing.T) {
 }
 
 // TestE2EQEMUKilled kills QEMU from outside while the test runs (what the
-// OOM killer or a QEMU crash does): the runner must call it a harness
-// error naming the signal, not a guest panic or a test failure, and leave
-// nothing behind.
+// OOM killer or a QEMU crash does): with --no-retry, the runner must call
+// it a harness error naming the signal, not a guest panic or a test
+// failure, and leave nothing behind. (Without --no-retry it runs the test
+// again: TestE2ERetryAfterQEMUKilled.)
 func TestE2EQEMUKilled(t *testing.T) {
 	requireE2E(t)
-	r := startRun(t, "--name", "qemu-killed", testUnitPath("hang.service"))
+	r := startRun(t, "--name", "qemu-killed", "--no-retry", testUnitPath("hang.service"))
 	qemuPID := r.waitForQEMU(t, "qemu-killed").QEMUPID
 	time.Sleep(5 * time.Second)
 
@@ -220,6 +221,7 @@ func TestE2EQEMUKilled(t *testing.T) {
 	r.wait(t)
 	assert.Equal(t, 99, r.exitCode)
 	assert.Contains(t, r.stderr.String(), "QEMU was killed by signal killed")
+	assert.Contains(t, r.stderr.String(), "not retried (--no-retry)")
 	assert.NotContains(t, r.stderr.String(), "panicked")
 	r.assertNothingLeft(t, qemuPID)
 }

@@ -50,6 +50,7 @@ func commands() []command {
 		{"ssh-proxy", "ssh ProxyCommand for vsock/CID, vsock-mux/PATH, unix/PATH, machine/NAME", cmdSSHProxy},
 		{"ssh-config", "print an ssh_config fragment for harness VMs", cmdSSHConfig},
 		{"stop", "stop a kept harness VM and clean up after it", cmdStop},
+		{"shard", "print the test names of one shard of a Meson suite: shard --index I --total N [-C BUILD] [--suite S]", cmdShard},
 	}
 }
 

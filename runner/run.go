@@ -26,6 +26,8 @@ type testRun struct {
 	// detached is set once a kept VM's result went to the foreground
 	// process; later output goes to the keeper's log only.
 	detached bool
+	// attempt is what this attempt leaves for runAttempts (attempts.go).
+	attempt attemptState
 }
 
 func (r *testRun) logf(format string, args ...any) {
@@ -35,6 +37,7 @@ func (r *testRun) logf(format string, args ...any) {
 // fail prints one clear line for a harness problem and returns exit 99.
 func (r *testRun) fail(format string, args ...any) int {
 	fmt.Fprintf(r.env.stderr, "vmharness run: "+format+"\n", args...)
+	r.attempt.failed(fmt.Sprintf(format, args...))
 	return harness.ExitHarnessError
 }
 
@@ -91,6 +94,10 @@ func (r *testRun) run(ctx context.Context) int {
 		}
 		defer releaseLayer()
 		layer = path
+	}
+	r.attempt.unit = unit.Name
+	if code, ok := r.admit(ctx, baseName(opts, unit)); !ok {
+		return code
 	}
 
 	stateDir, err := sshkey.StateDir(getenv)
@@ -150,6 +157,7 @@ func (r *testRun) run(ctx context.Context) int {
 		return r.fail("%v", err)
 	}
 	r.defer_(func() { reg_.Remove() })
+	r.attempt.name, r.attempt.journalDir = name, journalDir
 	journalPath := filepath.Join(journalDir, name+".journal")
 	consoleLog := filepath.Join(journalDir, name+".console.log")
 	reg_.Update(func(e *registry.Entry) { e.JournalPath, e.ConsoleLog = journalPath, consoleLog })
@@ -227,6 +235,7 @@ func (r *testRun) run(ctx context.Context) int {
 	res, err := m.Run(runCtx, func(pid int) {
 		reg_.Update(func(e *registry.Entry) { e.QEMUPID = pid })
 	})
+	r.attempt.releaseSlot()
 	if err != nil {
 		journal.abort()
 		return r.fail("%v", err)
@@ -261,6 +270,7 @@ func (r *testRun) run(ctx context.Context) int {
 		journal.remove()
 		os.Remove(consoleLog)
 	}
+	r.attempt.finished(outcome, res.Elapsed, journal.collector.Files(), consoleLog)
 	return r.expect(name, outcome)
 }
 

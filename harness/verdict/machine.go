@@ -280,11 +280,14 @@ func rebooting(shutdown string) bool {
 	return false
 }
 
-// Outcome decides the test's outcome from everything handled so far. It is
+// Outcome decides the test's outcome from everything handled so far, and
+// whether the run may be retried (Outcome.Retry, see retry.go). It is
 // meant to be read once QEMU has exited (and, if there is one, the journal
 // is complete), but is defined at any point.
 func (v *Verdict) Outcome() Outcome {
-	return v.withFindings(v.outcome())
+	o := v.withFindings(v.outcome())
+	o.Retry = v.infrastructureFailure()
+	return o
 }
 
 // outcome is the outcome before the journal's findings (findings.go).

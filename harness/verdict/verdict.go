@@ -33,6 +33,10 @@ type Outcome struct {
 	ExitCode int
 	// Reason is one line for the user, empty for a plain pass.
 	Reason string
+	// Retry is set when QEMU itself died before the test had a result
+	// (an infrastructure failure, not the test's): running the test once
+	// more is safe and its result means something. See retry.go.
+	Retry bool `json:"retry,omitempty"`
 }
 
 // Passed reports whether the test passed.
