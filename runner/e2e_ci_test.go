@@ -27,6 +27,9 @@ import (
 // the first attempt's journal and console log are kept as try1 files.
 func TestE2ERetryAfterQEMUKilled(t *testing.T) {
 	requireE2E(t)
+	// Alongside the other CI tests: each boots its VMs one after the
+	// other, in its own runtime directory.
+	t.Parallel()
 	rdir := filepath.Join(t.TempDir(), "reports")
 	r := startRun(t, "--name", "retry", "--timeout", "8m", "--report-dir", rdir, testUnitPath("boot.service"))
 	entry := r.waitForQEMU(t, "retry")
@@ -89,6 +92,9 @@ func startRunIn(t *testing.T, runtime, jdir string, env []string, args ...string
 // has exited; that second test fails, and a failing test is not retried.
 func TestE2EAdmissionAndNoRetryOfAFailure(t *testing.T) {
 	requireE2E(t)
+	// Alongside the other CI tests: each boots its VMs one after the
+	// other, in its own runtime directory.
+	t.Parallel()
 	dir := t.TempDir()
 	runtime, jdir, rdir := filepath.Join(dir, "run"), filepath.Join(dir, "journal"), filepath.Join(dir, "reports")
 	env := []string{"VMHARNESS_MAX_VMS=1"}
@@ -139,6 +145,7 @@ func TestE2EShardsCoverTheSuite(t *testing.T) {
 	if _, err := exec.LookPath("meson"); err != nil {
 		t.Skip("needs meson")
 	}
+	t.Parallel()
 	bin := vmharnessBinary(t)
 	build := filepath.Join(t.TempDir(), "build")
 	out, err := exec.Command("meson", "setup", build, "..").CombinedOutput()
