@@ -11,7 +11,6 @@ import (
 	"regexp"
 	"sort"
 	"strings"
-	"syscall"
 
 	"golang.org/x/sys/unix"
 
@@ -141,7 +140,7 @@ func pruneImages(cacheDir string, keep []string) (*PruneReport, error) {
 		} else {
 			continue // not ours
 		}
-		size := treeSize(dir)
+		size := layer.DiskUsage(dir)
 		if keepSet[dir] {
 			rep.Kept = append(rep.Kept, PrunedEntry{Dir: dir, Bytes: size, Reason: "current recipe"})
 			continue
@@ -179,22 +178,4 @@ func removeIfUnused(dir, lockPath string) (keptBecause string, err error) {
 		return "", fmt.Errorf("image lock %s: %w", lockPath, err)
 	}
 	return "", removeTree(dir)
-}
-
-// treeSize is the bytes allocated to the regular files below dir (the
-// raw root file system is sparse, so this is less than its length).
-func treeSize(dir string) int64 {
-	var total int64
-	_ = filepath.WalkDir(dir, func(_ string, d fs.DirEntry, err error) error {
-		if err != nil || !d.Type().IsRegular() {
-			return nil
-		}
-		if info, err := d.Info(); err == nil {
-			if st, ok := info.Sys().(*syscall.Stat_t); ok {
-				total += st.Blocks * 512
-			}
-		}
-		return nil
-	})
-	return total
 }

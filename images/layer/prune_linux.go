@@ -45,7 +45,7 @@ func Prune(cacheDir string) (removed, kept []Pruned, err error) {
 		p := filepath.Join(dir, e.Name())
 		var reason string
 		var err error
-		size := diskUsage(p)
+		size := DiskUsage(p)
 		switch {
 		case layerName.MatchString(e.Name()):
 			key := layerName.FindStringSubmatch(e.Name())[1]
@@ -96,8 +96,10 @@ func removeIfUnlocked(path, lockPath, keptBecause string) (string, error) {
 	return "", nil
 }
 
-// diskUsage is the bytes allocated to the regular files at or below p.
-func diskUsage(p string) int64 {
+// DiskUsage is the bytes allocated to the regular files at or below p
+// (less than their length for sparse files, such as a raw root file
+// system). Image prune uses it too.
+func DiskUsage(p string) int64 {
 	var total int64
 	_ = filepath.WalkDir(p, func(_ string, d fs.DirEntry, err error) error {
 		if err != nil || !d.Type().IsRegular() {
