@@ -6,7 +6,6 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
-	"syscall"
 	"testing"
 	"time"
 
@@ -275,16 +274,7 @@ func TestE2EDevicesSIGTERM(t *testing.T) {
 	require.Len(t, swtpmProcesses(t, r.runtime), 1)
 	time.Sleep(5 * time.Second)
 
-	require.NoError(t, r.cmd.Process.Signal(syscall.SIGTERM))
-	done := make(chan struct{})
-	go func() { r.wait(t); close(done) }()
-	select {
-	case <-done:
-	case <-time.After(60 * time.Second):
-		t.Fatal("the runner did not exit within 60s of SIGTERM")
-	}
-	assert.Equal(t, 1, r.exitCode)
-	assert.Contains(t, r.stderr.String(), "interrupted")
+	r.terminate(t)
 	assert.Empty(t, swtpmProcesses(t, r.runtime), "no swtpm left")
 	r.assertNothingLeft(t, entry.QEMUPID)
 }

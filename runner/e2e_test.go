@@ -104,6 +104,22 @@ func (r *e2eRun) wait(t *testing.T) {
 	t.Logf("vmharness run exited %d after %s:\n%s", r.exitCode, r.elapsed.Round(time.Second), r.stderr.String())
 }
 
+// terminate plays Meson's timeout: SIGTERM to the runner, which must exit
+// within a minute with 1 and say it was interrupted.
+func (r *e2eRun) terminate(t *testing.T) {
+	t.Helper()
+	require.NoError(t, r.cmd.Process.Signal(syscall.SIGTERM))
+	done := make(chan struct{})
+	go func() { r.wait(t); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(60 * time.Second):
+		t.Fatal("the runner did not exit within 60s of SIGTERM")
+	}
+	assert.Equal(t, 1, r.exitCode)
+	assert.Contains(t, r.stderr.String(), "interrupted")
+}
+
 // waitForQEMU waits until the run named name has registered QEMU's pid
 // and returns its registry entry.
 func (r *e2eRun) waitForQEMU(t *testing.T, name string) registry.Entry {
@@ -190,16 +206,7 @@ func TestE2ESIGTERM(t *testing.T) {
 	// Let the guest get somewhere so there is something to collect.
 	time.Sleep(5 * time.Second)
 
-	require.NoError(t, r.cmd.Process.Signal(syscall.SIGTERM))
-	done := make(chan struct{})
-	go func() { r.wait(t); close(done) }()
-	select {
-	case <-done:
-	case <-time.After(60 * time.Second):
-		t.Fatal("the runner did not exit within 60s of SIGTERM")
-	}
-	assert.Equal(t, 1, r.exitCode)
-	assert.Contains(t, r.stderr.String(), "interrupted")
+	r.terminate(t)
 	r.assertNothingLeft(t, qemuPID)
 	// What was collected is kept for the failed run.
 	_, err := os.Stat(filepath.Join(r.jdir, "sigterm.console.log"))
