@@ -3,6 +3,7 @@ module github.com/vmharness/vmharness
 go 1.26.8
 
 require (
+	github.com/coreos/go-systemd/v22 v22.7.0
 	github.com/mdlayher/vsock v1.4.0
 	github.com/stretchr/testify v1.12.1
 	golang.org/x/crypto v0.58.0

@@ -141,6 +141,16 @@ func TestValidateUnitText(t *testing.T) {
 		{"broken header", "[Service\nExecStart=x\n", "malformed section header"},
 		{"binary", "[Service]\n\x00", "not a text file"},
 		{"invalid utf-8", "[Service]\n\xff\n", "not a text file"},
+		{"garbage after header", "[Service] # c\nExecStart=/bin/true\n", `line 1: malformed section header "[Service] # c"`},
+		{"quote in header", "[Ser'vice]\nExecStart=/bin/true\n", "quotes, backslashes or control characters"},
+		{"header with spaces is another section", "[ Service ]\nExecStart=/bin/true\n", "no [Service] section"},
+		// Read as systemd reads them (see harness/unitfile): the first was
+		// refused before, the others go-systemd's parser misreads.
+		{"continuation line starting with '['", "[Service]\nExecStart=/bin/sh -c 'true \\\n  [ -e / ] && true'\n", ""},
+		{"commented-out continued line", "[Unit]\n# ExecStart=/bin/old \\\n[Service]\nExecStart=/bin/true\n", ""},
+		{"line over 2048 bytes", "[Service]\nExecStart=/bin/echo " + strings.Repeat("a", 3000) + "\n", ""},
+		{"line without '='", "[Service]\nExecStart=/bin/true\ntypo\n", ""},
+		{"old Mac line ends", "[Service]\rExecStart=/bin/true\r", ""},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

@@ -8,6 +8,7 @@ import (
 	"strings"
 	"unicode/utf8"
 
+	"github.com/vmharness/vmharness/harness/unitfile"
 	"github.com/vmharness/vmharness/harness/verdict"
 )
 
@@ -74,38 +75,31 @@ func ValidateServiceName(name string) error {
 }
 
 // validateUnitText does the checks that catch a wrong file early: systemd
-// in the guest would otherwise ignore the unit and the VM would just time out.
+// in the guest would otherwise ignore the unit and the VM would just time
+// out. The file is read as systemd reads it (unitfile.Read, which also
+// says why that is not go-systemd's parser). Stricter than systemd: it
+// only warns about text before the first section and NUL bytes end a line
+// for it, but in a test unit both are mistakes.
 func validateUnitText(text []byte) error {
 	if !utf8.Valid(text) || bytes.IndexByte(text, 0) >= 0 {
 		return fmt.Errorf("not a text file (NUL bytes or invalid UTF-8)")
 	}
-	var sections []string
-	for i, line := range strings.Split(string(text), "\n") {
-		line = strings.TrimSpace(line)
-		if line == "" || line[0] == '#' || line[0] == ';' {
-			continue
-		}
-		if line[0] == '[' {
-			if !strings.HasSuffix(line, "]") {
-				return fmt.Errorf("line %d: malformed section header %q", i+1, line)
-			}
-			sections = append(sections, line)
-			continue
-		}
-		if len(sections) == 0 {
-			return fmt.Errorf("line %d: assignment %q before any [Section]", i+1, line)
-		}
-		if !strings.Contains(line, "=") && !strings.HasSuffix(line, "\\") {
-			// Continuation lines of a previous "\"-terminated line have no '='.
-			continue
-		}
+	lines, err := unitfile.Read(text)
+	if err != nil {
+		return err
 	}
-	for _, s := range sections {
-		if s == "[Service]" {
-			return nil
+	header, service := false, false
+	for _, l := range lines {
+		if !l.Header && !header {
+			return fmt.Errorf("line %d: assignment %q before any [Section]", l.Number, l.Text)
 		}
+		header = header || l.Header
+		service = service || l.Header && l.Section == "Service"
 	}
-	return fmt.Errorf("no [Service] section")
+	if !service {
+		return fmt.Errorf("no [Service] section")
+	}
+	return nil
 }
 
 // testUnitCredentials returns the credentials that install the test unit
