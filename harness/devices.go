@@ -6,6 +6,8 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+
+	"github.com/vmharness/vmharness/harness/unitfile"
 )
 
 // devices is what a Machine adds to its VM beyond the fixed hardware,
@@ -104,7 +106,7 @@ func (d *devices) qemuArgs() []string {
 // these settings: the test unit's environment and its wait for its disks
 // (in the test unit's drop-in), and the disks' device timeouts.
 func (d *devices) guestCredentials(creds []Credential, unit string) []Credential {
-	creds = withTestUnitDropIn(creds, unit, environmentDropIn(d.env)+disksDropIn(d.disks))
+	creds = withTestUnitDropIn(creds, unit, unitfile.Serialize(append(environmentDropIn(d.env), disksDropIn(d.disks)...)))
 	return append(creds, diskDeviceCredentials(d.disks)...)
 }
 

@@ -10,6 +10,10 @@ import (
 	"regexp"
 	"strconv"
 	"strings"
+
+	"github.com/coreos/go-systemd/v22/unit"
+
+	"github.com/vmharness/vmharness/harness/unitfile"
 )
 
 // DiskBus is how an extra disk is attached to the VM.
@@ -240,16 +244,16 @@ func (d Disk) ByIDPath() string {
 // disk that never shows up delays the test by the device timeout
 // (diskDeviceTimeout) and the test then sees it missing, instead of
 // failing a dependency.
-func disksDropIn(disks []Disk) string {
+func disksDropIn(disks []Disk) []*unit.UnitOption {
 	if len(disks) == 0 {
-		return ""
+		return nil
 	}
 	var units []string
 	for _, d := range disks {
 		units = append(units, pathDeviceUnit(d.ByIDPath()))
 	}
 	list := strings.Join(units, " ")
-	return "\n[Unit]\nWants=" + list + "\nAfter=" + list + "\n"
+	return []*unit.UnitOption{unit.NewUnitOption("Unit", "Wants", list), unit.NewUnitOption("Unit", "After", list)}
 }
 
 // diskDeviceTimeout is how long the guest's systemd waits for a disk's
@@ -265,28 +269,17 @@ func diskDeviceCredentials(disks []Disk) []Credential {
 	for _, d := range disks {
 		creds = append(creds, Credential{
 			Name:  "systemd.unit-dropin." + pathDeviceUnit(d.ByIDPath()),
-			Value: []byte("[Unit]\nJobRunningTimeoutSec=" + diskDeviceTimeout + "\n"),
+			Value: []byte(unitfile.Serialize([]*unit.UnitOption{unit.NewUnitOption("Unit", "JobRunningTimeoutSec", diskDeviceTimeout)})),
 		})
 	}
 	return creds
 }
 
 // pathDeviceUnit is systemd's device unit name for path, as
-// `systemd-escape --path --suffix=device` makes it.
+// `systemd-escape --path --suffix=device` makes it. go-systemd escapes a
+// byte below 0x10 with one hex digit ("\x9" where systemd writes "\x09"),
+// which a by-id path cannot hold: a serial is letters, digits, '-', '_'
+// and '.' (Disk.validate).
 func pathDeviceUnit(path string) string {
-	p := strings.Trim(path, "/")
-	var b strings.Builder
-	for i := 0; i < len(p); i++ {
-		c := p[i]
-		switch {
-		case c == '/':
-			b.WriteByte('-')
-		case c == '.' && i == 0,
-			!(c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || c == ':' || c == '_' || c == '.'):
-			fmt.Fprintf(&b, `\x%02x`, c)
-		default:
-			b.WriteByte(c)
-		}
-	}
-	return b.String() + ".device"
+	return unit.UnitNamePathEscape(path) + ".device"
 }

@@ -11,6 +11,8 @@ import (
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+
+	"github.com/vmharness/vmharness/harness/unitfile"
 )
 
 func TestParseDiskSize(t *testing.T) {
@@ -127,10 +129,17 @@ func TestDiskQEMUArgs(t *testing.T) {
 }
 
 func TestDisksDropIn(t *testing.T) {
-	assert.Equal(t, "", disksDropIn(nil))
-	got := disksDropIn([]Disk{{Serial: "data-1", Bus: DiskVirtioBlk}, {Serial: "s.2", Bus: DiskVirtioSCSI}})
+	assert.Empty(t, disksDropIn(nil))
+	got := unitfile.Serialize(disksDropIn([]Disk{{Serial: "data-1", Bus: DiskVirtioBlk}, {Serial: "s.2", Bus: DiskVirtioSCSI}}))
 	units := `dev-disk-by\x2did-virtio\x2ddata\x2d1.device dev-disk-by\x2did-scsi\x2d0QEMU_QEMU_HARDDISK_s.2.device`
-	assert.Equal(t, "\n[Unit]\nWants="+units+"\nAfter="+units+"\n", got)
+	assert.Equal(t, "[Unit]\nWants="+units+"\nAfter="+units+"\n", got)
+}
+
+func TestDiskDeviceCredentials(t *testing.T) {
+	creds := diskDeviceCredentials([]Disk{{Serial: "a", Bus: DiskVirtioBlk}})
+	require.Len(t, creds, 1)
+	assert.Equal(t, `systemd.unit-dropin.dev-disk-by\x2did-virtio\x2da.device`, creds[0].Name)
+	assert.Equal(t, "[Unit]\nJobRunningTimeoutSec=10min\n", string(creds[0].Value))
 }
 
 func TestPathDeviceUnit(t *testing.T) {
@@ -144,6 +153,10 @@ func TestPathDeviceUnit(t *testing.T) {
 	for in, want := range tests {
 		assert.Equal(t, want, pathDeviceUnit(in), in)
 	}
+	// Where go-systemd's escaping is wrong: systemd-escape --path writes
+	// "a\x09b". No serial has a control character (Disk.validate).
+	assert.Equal(t, `a\x9b.device`, pathDeviceUnit("/a\tb"), "go-systemd escapes bytes below 0x10 with one hex digit")
+	assert.ErrorContains(t, Disk{Size: 1 << 20, Serial: "a\tb", Format: "raw", Bus: DiskVirtioBlk}.validate(), "only letters")
 }
 
 func TestCreateDisks(t *testing.T) {

@@ -7,6 +7,6 @@
 //
 // Subpackages hold the pieces with a job of their own: vsock (the per-VM
 // transport), vhostuser, virtq and vsockdev (the userspace vsock device),
-// registry (running VMs), admission (how many VMs run at once on a host)
-// and sshkey.
+// registry (running VMs), admission (how many VMs run at once on a host),
+// sshkey, and unitfile (reading and writing systemd unit files).
 package harness

@@ -4,6 +4,8 @@ import (
 	"fmt"
 	"strings"
 	"unicode/utf8"
+
+	"github.com/coreos/go-systemd/v22/unit"
 )
 
 // EnvVar is one variable set in the test unit's environment (--setenv).
@@ -78,25 +80,24 @@ func MergeEnv(vars ...[]EnvVar) []EnvVar {
 	return out
 }
 
-// environmentDropIn returns the test unit's drop-in section that sets vars.
-// A drop-in's Environment= (what upstream's wrapper writes) reaches the
-// test unit's processes and nothing else, unlike systemd.setenv= on the
-// kernel command line, which every unit would inherit.
-func environmentDropIn(vars []EnvVar) string {
-	if len(vars) == 0 {
-		return ""
-	}
-	var b strings.Builder
-	b.WriteString("\n[Service]\n")
+// environmentDropIn returns the test unit's drop-in settings that set
+// vars. A drop-in's Environment= (what upstream's wrapper writes) reaches
+// the test unit's processes and nothing else, unlike systemd.setenv= on
+// the kernel command line, which every unit would inherit.
+func environmentDropIn(vars []EnvVar) []*unit.UnitOption {
+	var opts []*unit.UnitOption
 	for _, v := range vars {
-		fmt.Fprintf(&b, "Environment=%s\n", quoteEnvironmentAssignment(v))
+		opts = append(opts, unit.NewUnitOption("Service", "Environment", quoteEnvironmentAssignment(v)))
 	}
-	return b.String()
+	return opts
 }
 
 // quoteEnvironmentAssignment renders NAME=VALUE as one double-quoted word
 // of Environment=, which systemd unquotes with C escapes, after expanding
-// specifiers: '%' is doubled, '\' and '"' are backslash-escaped.
+// specifiers: '%' is doubled, '\' and '"' are backslash-escaped. This is
+// the setting's own syntax, which unit.Serialize leaves to the caller (it
+// writes values as they are): unquoted, "A=x y" would be two assignments,
+// and a value ending in '\' would continue onto the next line.
 func quoteEnvironmentAssignment(v EnvVar) string {
 	r := strings.NewReplacer(`\`, `\\`, `"`, `\"`, `%`, `%%`)
 	return `"` + v.Name + "=" + r.Replace(v.Value) + `"`

@@ -5,6 +5,8 @@ import (
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+
+	"github.com/vmharness/vmharness/harness/unitfile"
 )
 
 func TestParseEnvArg(t *testing.T) {
@@ -64,9 +66,18 @@ func TestMergeEnv(t *testing.T) {
 }
 
 func TestEnvironmentDropIn(t *testing.T) {
-	assert.Equal(t, "", environmentDropIn(nil))
-	assert.Equal(t, "\n[Service]\nEnvironment=\"A=1\"\nEnvironment=\"B=x y\"\n",
-		environmentDropIn([]EnvVar{{"A", "1"}, {"B", "x y"}}))
+	assert.Empty(t, environmentDropIn(nil))
+	text := unitfile.Serialize(environmentDropIn([]EnvVar{{"A", "1"}, {"B", `x y "q" 50% \`}}))
+	assert.Equal(t, "[Service]\nEnvironment=\"A=1\"\nEnvironment=\"B=x y \\\"q\\\" 50%% \\\\\"\n", text)
+	// systemd reads each quoted assignment back as one value: a trailing
+	// backslash, doubled and inside quotes, does not continue the line.
+	lines, err := unitfile.Read([]byte(text))
+	require.NoError(t, err)
+	var values []string
+	for _, o := range unitfile.Options(lines) {
+		values = append(values, o.Section+"."+o.Name+"="+o.Value)
+	}
+	assert.Equal(t, []string{`Service.Environment="A=1"`, `Service.Environment="B=x y \"q\" 50%% \\"`}, values)
 }
 
 func TestWithTestUnitDropIn(t *testing.T) {

@@ -1,6 +1,14 @@
 package verdict
 
-import "fmt"
+import (
+	"fmt"
+	"strconv"
+	"strings"
+
+	"github.com/coreos/go-systemd/v22/unit"
+
+	"github.com/vmharness/vmharness/harness/unitfile"
+)
 
 // The exit statuses PID 1 reports through EXIT_STATUS. The test unit's
 // success action carries a distinctive status so a VM that merely powers off
@@ -94,107 +102,129 @@ const waitForCoredumps = `i=0; ` +
 // drop-in, the condition check, and the emergency-exit unit with the
 // drop-ins that pull it in.
 func (g GuestSetup) Files() []GuestFile {
+	var files []GuestFile
+	for _, u := range g.units() {
+		files = append(files, GuestFile{Credential: u.credential, Text: unitfile.Serialize(u.options)})
+	}
+	return files
+}
+
+// guestUnit is a guest file before go-systemd's unit.Serialize lays it
+// out. Serialize does not escape, so every value must be one line
+// without surrounding white space (guest_test.go reads each file back as
+// systemd does).
+type guestUnit struct {
+	credential string
+	options    []*unit.UnitOption
+}
+
+func (g GuestSetup) units() []guestUnit {
 	failureAction := "exit"
 	if g.KeepOnFailure {
 		failureAction = "none"
 	}
 	// systemd-notify speaks vsock-stream addresses since systemd 256; it
 	// runs through env(1) so the test's own processes never see a
-	// NOTIFY_SOCKET. "${VAR}" is expanded by systemd itself.
+	// NOTIFY_SOCKET. "${VAR}" is expanded by systemd itself, "$$" is "$".
 	notify := fmt.Sprintf("/usr/bin/env NOTIFY_SOCKET=%s /usr/bin/systemd-notify --no-block", g.NotifyAddress)
+
 	// With systemd.unit=TEST.service nothing pulls in basic.target (a
 	// service is only ordered after it), so sockets.target and with it
 	// systemd-ssh-generator's sshd-vsock.socket would never start.
-	requireLayer := ""
+	dropin := []*unit.UnitOption{unit.NewUnitOption("Unit", "Wants", "basic.target "+ConditionCheckUnit)}
 	if g.RequireLayer {
-		requireLayer = "AssertPathExists=" + LayerMarker + "\n"
+		dropin = append(dropin, unit.NewUnitOption("Unit", "AssertPathExists", LayerMarker))
 	}
-	dropin := fmt.Sprintf(`[Unit]
-Wants=basic.target %[5]s
-%[8]sSuccessAction=exit
-SuccessActionExitStatus=%[1]d
-FailureAction=%[2]s
+	dropin = append(dropin,
+		unit.NewUnitOption("Unit", "SuccessAction", "exit"),
+		unit.NewUnitOption("Unit", "SuccessActionExitStatus", strconv.Itoa(GuestStatusPass)),
+		unit.NewUnitOption("Unit", "FailureAction", failureAction),
 
-[Service]
-StandardOutput=journal+console
-StandardError=journal+console
-# A test's log must not be thinned out by journald's rate limit (10000
-# messages per 30s by default). 0 would mean "journald's default" here, so
-# the limit is set out of reach instead.
-LogRateLimitIntervalSec=1s
-LogRateLimitBurst=1000000000
-# A core dump is processed by a systemd-coredump@ instance of
-# systemd-coredump.socket, which logs it when done (5-10 s under TCG).
-# A crashed process of this unit is gone, and its dump logged, before
-# ExecStopPost= runs (the kernel holds the process until its dump is
-# read, and PID 1 waits for the unit's processes), but a crash elsewhere
-# may still be in progress: wait for it before the journal marker below,
-# so that neither the success action nor the host, which stops the VM once
-# it has the marker, cuts the dump off.
-ExecStopPost=-+/bin/sh -c '%[12]s'
-# journald may still be working through the unit's output when it exits
-# (under TCG it forwards a few hundred lines a second); the success or
-# failure action would power the VM off and lose the rest. --sync returns
-# once journald has processed (and so forwarded) everything queued. The
-# marker before it lets the host see when the journal up to here has
-# arrived: it is forwarded after every line the test logged.
-ExecStopPost=-+/usr/bin/systemd-cat -t %[10]s /bin/echo ${INVOCATION_ID}
-ExecStopPost=-+/usr/bin/journalctl --sync
-# The unit's own result goes to the host: the exit status PID 1 forwards
-# cannot tell a failure with status 123 from the success action. With it
-# goes the manager's state: "stopping" means a shutdown is already under
-# way, and PID 1 then skips the success action.
-ExecStopPost=-+/bin/sh -c '%[3]s %[4]s="$$SERVICE_RESULT" %[6]s="$$EXIT_CODE" %[7]s="$$EXIT_STATUS" %[9]s="$$(systemctl is-system-running)" %[11]s="$$INVOCATION_ID"'
-# ExecStopPost= counts against TimeoutStopSec= (90s by default), and
-# journald may need longer than that for a chatty test under TCG; the
-# harness's own --timeout bounds the whole run instead.
-TimeoutStopSec=infinity
-`, GuestStatusPass, failureAction, notify, FieldTestResult, ConditionCheckUnit, FieldTestExitCode, FieldTestExitStatus, requireLayer, FieldSystemState,
-		JournalMarkerIdentifier, FieldInvocation, waitForCoredumps)
+		unit.NewUnitOption("Service", "StandardOutput", "journal+console"),
+		unit.NewUnitOption("Service", "StandardError", "journal+console"),
+		// A test's log must not be thinned out by journald's rate limit
+		// (10000 messages per 30s by default). 0 would mean "journald's
+		// default" here, so the limit is set out of reach instead.
+		unit.NewUnitOption("Service", "LogRateLimitIntervalSec", "1s"),
+		unit.NewUnitOption("Service", "LogRateLimitBurst", "1000000000"),
+		// A core dump is processed by a systemd-coredump@ instance of
+		// systemd-coredump.socket, which logs it when done (5-10 s under
+		// TCG). A crashed process of this unit is gone, and its dump
+		// logged, before ExecStopPost= runs (the kernel holds the process
+		// until its dump is read, and PID 1 waits for the unit's
+		// processes), but a crash elsewhere may still be in progress: wait
+		// for it before the journal marker below, so that neither the
+		// success action nor the host, which stops the VM once it has the
+		// marker, cuts the dump off.
+		unit.NewUnitOption("Service", "ExecStopPost", "-+/bin/sh -c '"+waitForCoredumps+"'"),
+		// journald may still be working through the unit's output when it
+		// exits (under TCG it forwards a few hundred lines a second); the
+		// success or failure action would power the VM off and lose the
+		// rest. --sync returns once journald has processed (and so
+		// forwarded) everything queued. The marker before it lets the host
+		// see when the journal up to here has arrived: it is forwarded
+		// after every line the test logged.
+		unit.NewUnitOption("Service", "ExecStopPost", "-+/usr/bin/systemd-cat -t "+JournalMarkerIdentifier+" /bin/echo ${INVOCATION_ID}"),
+		unit.NewUnitOption("Service", "ExecStopPost", "-+/usr/bin/journalctl --sync"),
+		// The unit's own result goes to the host: the exit status PID 1
+		// forwards cannot tell a failure with status 123 from the success
+		// action. With it goes the manager's state: "stopping" means a
+		// shutdown is already under way, and PID 1 then skips the success
+		// action.
+		unit.NewUnitOption("Service", "ExecStopPost", fmt.Sprintf(`-+/bin/sh -c '%s %s="$$SERVICE_RESULT" %s="$$EXIT_CODE" %s="$$EXIT_STATUS" %s="$$(systemctl is-system-running)" %s="$$INVOCATION_ID"'`,
+			notify, FieldTestResult, FieldTestExitCode, FieldTestExitStatus, FieldSystemState, FieldInvocation)),
+		// ExecStopPost= counts against TimeoutStopSec= (90s by default),
+		// and journald may need longer than that for a chatty test under
+		// TCG; the harness's own --timeout bounds the whole run instead.
+		unit.NewUnitOption("Service", "TimeoutStopSec", "infinity"),
+	)
 
 	// Runs once the test unit's start job is over; it only acts when the
 	// unit never ran: a condition or assertion did not hold, or the unit
-	// never got as far as checking them (a unit it requires failed). A test that ran has fired its success or failure
-	// action by then, whose shutdown cancels this unit's start.
-	check := fmt.Sprintf(`[Unit]
-Description=Report a vmharness test unit that did not run
-After=%[1]s
-FailureAction=exit
-FailureActionExitStatus=%[2]d
-
-[Service]
-Type=oneshot
-ExecStart=/bin/sh -c '\
-  show() { systemctl show -P "$$1" %[1]s; }; \
-  if test "$$(show ConditionTimestampMonotonic)" = 0; then r=%[7]s; \
-  elif test "$$(show ConditionResult)" = no; then r=%[3]s; \
-  elif test "$$(show AssertResult)" = no; then r=%[4]s; \
-  else exit 0; fi; \
-  %[5]s %[6]s=$$r; exit 1'
-`, g.Unit, GuestStatusSkip, ResultCondition, ResultAssert, notify, FieldTestResult, ResultNotStarted)
+	// never got as far as checking them (a unit it requires failed). A
+	// test that ran has fired its success or failure action by then,
+	// whose shutdown cancels this unit's start.
+	check := []*unit.UnitOption{
+		unit.NewUnitOption("Unit", "Description", "Report a vmharness test unit that did not run"),
+		unit.NewUnitOption("Unit", "After", g.Unit),
+		unit.NewUnitOption("Unit", "FailureAction", "exit"),
+		unit.NewUnitOption("Unit", "FailureActionExitStatus", strconv.Itoa(GuestStatusSkip)),
+		unit.NewUnitOption("Service", "Type", "oneshot"),
+		unit.NewUnitOption("Service", "ExecStart", shellCommand(
+			`show() { systemctl show -P "$$1" `+g.Unit+`; };`,
+			`if test "$$(show ConditionTimestampMonotonic)" = 0; then r=`+ResultNotStarted+`;`,
+			`elif test "$$(show ConditionResult)" = no; then r=`+ResultCondition+`;`,
+			`elif test "$$(show AssertResult)" = no; then r=`+ResultAssert+`;`,
+			`else exit 0; fi;`,
+			notify+` `+FieldTestResult+`=$$r; exit 1`)),
+	}
 
 	// PID 1 announces emergency.target over the notify socket too, but
 	// not always before the exit action ends the VM (a test that isolates
 	// emergency.target is stopped and fails first); this unit's own report
 	// says which came first.
-	emergency := fmt.Sprintf(`[Unit]
-Description=End the test VM when it falls into emergency mode
-DefaultDependencies=no
-FailureAction=exit
-FailureActionExitStatus=%[1]d
-
-[Service]
-Type=oneshot
-ExecStart=/bin/sh -c '\
-  t=emergency.target; systemctl -q is-active rescue.target && t=rescue.target; \
-  %[2]s %[3]s=$$t; exit 1'
-`, EmergencyExitStatus, notify, FieldEmergency)
-	wantsEmergencyExit := "[Unit]\nWants=" + EmergencyExitUnit + "\n"
-	return []GuestFile{
-		{Credential: "systemd.unit-dropin." + g.Unit, Text: dropin},
-		{Credential: "systemd.extra-unit." + ConditionCheckUnit, Text: check},
-		{Credential: "systemd.extra-unit." + EmergencyExitUnit, Text: emergency},
-		{Credential: "systemd.unit-dropin.emergency.target", Text: wantsEmergencyExit},
-		{Credential: "systemd.unit-dropin.rescue.target", Text: wantsEmergencyExit},
+	emergency := []*unit.UnitOption{
+		unit.NewUnitOption("Unit", "Description", "End the test VM when it falls into emergency mode"),
+		unit.NewUnitOption("Unit", "DefaultDependencies", "no"),
+		unit.NewUnitOption("Unit", "FailureAction", "exit"),
+		unit.NewUnitOption("Unit", "FailureActionExitStatus", strconv.Itoa(EmergencyExitStatus)),
+		unit.NewUnitOption("Service", "Type", "oneshot"),
+		unit.NewUnitOption("Service", "ExecStart", shellCommand(
+			`t=emergency.target; systemctl -q is-active rescue.target && t=rescue.target;`,
+			notify+` `+FieldEmergency+`=$$t; exit 1`)),
 	}
+	wantsEmergencyExit := []*unit.UnitOption{unit.NewUnitOption("Unit", "Wants", EmergencyExitUnit)}
+	return []guestUnit{
+		{"systemd.unit-dropin." + g.Unit, dropin},
+		{"systemd.extra-unit." + ConditionCheckUnit, check},
+		{"systemd.extra-unit." + EmergencyExitUnit, emergency},
+		{"systemd.unit-dropin.emergency.target", wantsEmergencyExit},
+		{"systemd.unit-dropin.rescue.target", wantsEmergencyExit},
+	}
+}
+
+// shellCommand is an ExecStart= command that runs the script lines, which
+// must not contain a single quote, with sh.
+func shellCommand(lines ...string) string {
+	return "/bin/sh -c '" + strings.Join(lines, " ") + "'"
 }

@@ -5,6 +5,9 @@ import (
 	"testing"
 
 	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/vmharness/vmharness/harness/unitfile"
 )
 
 func TestGuestSetupFiles(t *testing.T) {
@@ -57,4 +60,20 @@ func TestGuestSetupFiles(t *testing.T) {
 
 	layered := byName(GuestSetup{Unit: "t.service", NotifyAddress: "vsock-stream:2:9", RequireLayer: true}.Files())["systemd.unit-dropin.t.service"]
 	assert.Contains(t, layered, "\nAssertPathExists=/run/vmharness-layer\n", "a test of the project's build never runs on the base alone")
+}
+
+// TestGuestUnitsReadBack reads every guest file back as systemd does:
+// unit.Serialize wrote each setting as the one value meant (no value
+// breaks a line, continues one or loses white space).
+func TestGuestUnitsReadBack(t *testing.T) {
+	for _, g := range []GuestSetup{
+		{Unit: "t.service", NotifyAddress: "vsock-stream:2:9"},
+		{Unit: "t@x.service", NotifyAddress: "vsock-stream:2:1234", KeepOnFailure: true, RequireLayer: true},
+	} {
+		for _, u := range g.units() {
+			lines, err := unitfile.Read([]byte(unitfile.Serialize(u.options)))
+			require.NoError(t, err, u.credential)
+			assert.Equal(t, u.options, unitfile.Options(lines), u.credential)
+		}
+	}
 }
