@@ -118,6 +118,7 @@ type guestUnit struct {
 	options    []*unit.UnitOption
 }
 
+// units returns the guest files as settings, in Files' order.
 func (g GuestSetup) units() []guestUnit {
 	failureAction := "exit"
 	if g.KeepOnFailure {
