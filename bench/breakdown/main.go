@@ -140,7 +140,7 @@ func hostPhases(stderr string, r map[string]float64) {
 // guestPhases reads the journal's monotonic timestamps of the phase marks.
 func guestPhases(journal, unit string, r map[string]float64) error {
 	out, err := exec.Command("journalctl", "--file="+journal, "-o", "json", "--no-pager",
-		"--output-fields=MESSAGE,_PID,_TRANSPORT,__MONOTONIC_TIMESTAMP").Output()
+		"--output-fields=MESSAGE,_PID,_TRANSPORT,SYSLOG_IDENTIFIER,_SOURCE_MONOTONIC_TIMESTAMP,__MONOTONIC_TIMESTAMP").Output()
 	if err != nil {
 		return fmt.Errorf("reading %s: %w", journal, err)
 	}
@@ -159,7 +159,14 @@ func guestPhases(journal, unit string, r map[string]float64) error {
 			continue
 		}
 		msg, _ := e["MESSAGE"].(string)
-		mono, _ := e["__MONOTONIC_TIMESTAMP"].(string)
+		// Kernel messages reach the journal when journald starts and
+		// reads them from /dev/kmsg; their own time is in
+		// _SOURCE_MONOTONIC_TIMESTAMP (what journalctl -o
+		// short-monotonic shows too).
+		mono, _ := e["_SOURCE_MONOTONIC_TIMESTAMP"].(string)
+		if mono == "" {
+			mono, _ = e["__MONOTONIC_TIMESTAMP"].(string)
+		}
 		usec, err := strconv.ParseFloat(mono, 64)
 		if err != nil {
 			continue
@@ -172,6 +179,11 @@ func guestPhases(journal, unit string, r map[string]float64) error {
 			// PID 1's banner: logged to the kernel log before journald
 			// runs, so it comes in with the kernel's transport.
 			first("pid1", t)
+		case e["SYSLOG_IDENTIFIER"] == "vmharness-journal-marker":
+			// Logged by the test's ExecStopPost= once its main process
+			// has exited. A runner that stops the VM as soon as it has
+			// the marker may never receive PID 1's "Finished" line.
+			first("unit end", t)
 		case e["_PID"] == "1":
 			if strings.HasPrefix(msg, "Reached target basic.target") {
 				first("basic", t)
