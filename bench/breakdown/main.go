@@ -38,8 +38,8 @@ type phase struct {
 }
 
 var phases = []phase{
-	{"kernel", "guest: kernel start to /init (kernel log 'Run /init')"},
-	{"initrd", "guest: /init to the real root's PID 1 (its banner)"},
+	{"kernel", "guest: kernel start to init (kernel log 'Run /init' or 'Run /sbin/init')"},
+	{"initrd", "guest: init to the real root's PID 1 banner (the initrd, if any)"},
 	{"basic.target", "guest: PID 1 start to basic.target"},
 	{"unit start", "guest: basic.target to the test unit's start"},
 	{"unit", "guest: the test unit, start to finish"},
@@ -173,7 +173,8 @@ func guestPhases(journal, unit string, r map[string]float64) error {
 		}
 		t := usec / 1e6
 		switch {
-		case e["_TRANSPORT"] == "kernel" && strings.HasPrefix(msg, "Run /init as init process"):
+		case e["_TRANSPORT"] == "kernel" && strings.HasPrefix(msg, "Run /") && strings.HasSuffix(msg, " as init process"):
+			// "Run /init" (an initrd) or "Run /sbin/init" (none).
 			first("init", t)
 		case strings.Contains(msg, " running in system mode"):
 			// PID 1's banner: logged to the kernel log before journald
