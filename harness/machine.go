@@ -2,6 +2,7 @@ package harness
 
 import (
 	"bytes"
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -25,10 +26,36 @@ import (
 // boot and the root file system the overlay is backed by. The harness only
 // ever opens Rootfs read-only (as a qcow2 backing file).
 type BootImage struct {
-	Kernel       string
+	Kernel string
+	// Initrd is booted through when set; without one the kernel mounts
+	// the root itself (its driver must be built in).
 	Initrd       string
 	Rootfs       string
 	RootfsFormat string // "raw" or "qcow2"
+	// RootDevice is where the guest finds the root file system,
+	// /dev/vda (virtio-blk, the default) or /dev/nvme0n1 (NVMe); the
+	// root disk is attached on that bus.
+	RootDevice string
+	// RootCmdline is the kernel command line fragment that mounts the
+	// root, by default "root=/dev/vda rw".
+	RootCmdline string
+}
+
+// LayerInit is the image's PID 1 wrapper that applies a build-tree layer
+// when the image boots without an initrd (images/default's
+// usr/lib/vmharness/layer-init); with an initrd, the initrd applies it.
+const LayerInit = "/usr/lib/vmharness/layer-init"
+
+// rootDiskDevice is QEMU's -device value for the root disk, so that the
+// guest sees it as rootDevice.
+func rootDiskDevice(rootDevice string) (string, error) {
+	switch rootDevice {
+	case "", "/dev/vda":
+		return "virtio-blk-pci,drive=root", nil
+	case "/dev/nvme0n1":
+		return "nvme,drive=root,serial=vmharness-root", nil
+	}
+	return "", fmt.Errorf("root device %q: vmharness attaches the root disk as /dev/vda (virtio-blk) or /dev/nvme0n1 (NVMe)", rootDevice)
 }
 
 // Config describes one test VM. The caller owns WorkDir and Transport;
@@ -154,7 +181,9 @@ type Machine struct {
 	cfg     Config
 	cpu     string // QEMU's -cpu value
 	overlay string
-	args    []string
+	// rootDisk is QEMU's -device value for the root disk.
+	rootDisk string
+	args     []string
 	// notifyL receives the guest's sd_notify connections; Run serves and
 	// closes it (Close does, if Run never runs).
 	notifyL net.Listener
@@ -183,7 +212,11 @@ func NewMachine(ctx context.Context, cfg Config) (*Machine, error) {
 	if cfg.Transport == nil {
 		return nil, errors.New("harness: Config needs a vsock Transport")
 	}
-	for _, p := range []string{cfg.Image.Kernel, cfg.Image.Initrd, cfg.Image.Rootfs} {
+	files := []string{cfg.Image.Kernel, cfg.Image.Rootfs}
+	if cfg.Image.Initrd != "" {
+		files = append(files, cfg.Image.Initrd)
+	}
+	for _, p := range files {
 		if _, err := os.Stat(p); err != nil {
 			return nil, fmt.Errorf("image file missing (rebuild with vmharness image build): %w", err)
 		}
@@ -200,6 +233,10 @@ func NewMachine(ctx context.Context, cfg Config) (*Machine, error) {
 		}
 	}
 
+	rootDisk, err := rootDiskDevice(cfg.Image.RootDevice)
+	if err != nil {
+		return nil, err
+	}
 	devs, err := newDevices(cfg)
 	if err != nil {
 		return nil, err
@@ -209,7 +246,7 @@ func NewMachine(ctx context.Context, cfg Config) (*Machine, error) {
 	if err != nil {
 		return nil, fmt.Errorf("listening for the guest's notifications: %w", err)
 	}
-	m := &Machine{cfg: cfg, cpu: cfg.CPUModel, notifyL: notifyL, devices: devs}
+	m := &Machine{cfg: cfg, cpu: cfg.CPUModel, notifyL: notifyL, devices: devs, rootDisk: rootDisk}
 	ok := false
 	defer func() {
 		if !ok {
@@ -286,7 +323,7 @@ func (m *Machine) KernelCommandLine() string {
 	cfg := m.cfg
 	args := []string{
 		"console=ttyS0", "console=hvc0",
-		"root=/dev/vda", "rw",
+		cmp.Or(cfg.Image.RootCmdline, "root=/dev/vda rw"),
 		// Should a panic happen before the pvpanic driver is loaded, reboot
 		// at once rather than hang; the boot timeout then ends the loop.
 		"panic=-1", "oops=panic",
@@ -297,6 +334,9 @@ func (m *Machine) KernelCommandLine() string {
 		"systemd.mask=systemd-networkd-wait-online.service",
 		"systemd.journald.forward_to_console=0",
 		"systemd.firstboot=off",
+	}
+	if cfg.Layer != "" && cfg.Image.Initrd == "" {
+		args = append(args, "init="+LayerInit)
 	}
 	if cfg.SkipTestUnit {
 		args = append(args, "systemd.unit=multi-user.target")
@@ -339,11 +379,13 @@ func (m *Machine) qemuArgs(smbiosArgs []string) []string {
 		"-device", "virtio-serial-pci,id=virtio-serial",
 		"-device", "virtconsole,chardev=console",
 		"-kernel", cfg.Image.Kernel,
-		"-initrd", cfg.Image.Initrd,
 		"-append", m.KernelCommandLine(),
 		"-drive", "if=none,id=root,file=" + QEMUOptionValue(m.overlay) + ",format=qcow2,discard=unmap,cache=unsafe",
-		"-device", "virtio-blk-pci,drive=root",
+		"-device", m.rootDisk,
 		"-device", "virtio-rng-pci",
+	}
+	if cfg.Image.Initrd != "" {
+		args = append(args, "-initrd", cfg.Image.Initrd)
 	}
 	if cfg.Layer != "" {
 		// The initrd finds the layer by this serial (images/layer).

@@ -147,3 +147,90 @@ func TestCPUStarvationOfThisProcess(t *testing.T) {
 	assert.Empty(t, ThreadRunDelays(-1), "no such process")
 	assert.Equal(t, time.Duration(0), cpuStarvation(-1))
 }
+
+func TestNewMachineBootModes(t *testing.T) {
+	if _, err := exec.LookPath("qemu-img"); err != nil {
+		t.Skip("qemu-img is not installed")
+	}
+	dir := t.TempDir()
+	kernel, initrd, rootfs := filepath.Join(dir, "vmlinuz"), filepath.Join(dir, "initrd.img"), filepath.Join(dir, "rootfs.img")
+	for _, f := range []string{kernel, initrd} {
+		require.NoError(t, os.WriteFile(f, []byte("x"), 0o644))
+	}
+	require.NoError(t, os.WriteFile(rootfs, make([]byte, 1<<20), 0o444))
+	layer := filepath.Join(dir, "layer.cpio")
+	require.NoError(t, os.WriteFile(layer, nil, 0o644))
+	qemu := filepath.Join(dir, "qemu-system-x86_64")
+	require.NoError(t, os.WriteFile(qemu, []byte("#!/bin/sh\nprintf 'Recognized CPUID flags:\\n  erms fsrm sse2\\n'\n"), 0o755))
+
+	tests := []struct {
+		name        string
+		img         BootImage
+		layer       string
+		wantArgs    []string
+		notArgs     []string
+		wantCmdline []string
+		notCmdline  []string
+		wantErr     string
+	}{
+		{name: "an image without a manifest: virtio-blk root through the initrd",
+			img:         BootImage{Initrd: initrd},
+			layer:       layer,
+			wantArgs:    []string{"-device virtio-blk-pci,drive=root ", "-initrd " + initrd},
+			wantCmdline: []string{"root=/dev/vda rw"},
+			notCmdline:  []string{"init="}},
+		{name: "direct boot: NVMe root, no initrd",
+			img:         BootImage{RootDevice: "/dev/nvme0n1", RootCmdline: "root=/dev/nvme0n1 rootwait rw"},
+			wantArgs:    []string{"-device nvme,drive=root,serial=vmharness-root "},
+			notArgs:     []string{"-initrd"},
+			wantCmdline: []string{"root=/dev/nvme0n1 rootwait rw"},
+			notCmdline:  []string{"init=", "root=/dev/vda"}},
+		{name: "direct boot with a layer: layer-init applies it before PID 1",
+			img:         BootImage{RootDevice: "/dev/nvme0n1", RootCmdline: "root=/dev/nvme0n1 rw"},
+			layer:       layer,
+			wantArgs:    []string{"serial=vmharness-layer"},
+			notArgs:     []string{"-initrd"},
+			wantCmdline: []string{"init=" + LayerInit}},
+		{name: "NVMe root through the initrd: the initrd applies the layer",
+			img:        BootImage{Initrd: initrd, RootDevice: "/dev/nvme0n1", RootCmdline: "root=/dev/nvme0n1 rw"},
+			layer:      layer,
+			wantArgs:   []string{"-initrd " + initrd},
+			notCmdline: []string{"init="}},
+		{name: "a root device on no bus the harness has",
+			img:     BootImage{RootDevice: "/dev/sda"},
+			wantErr: `root device "/dev/sda": vmharness attaches the root disk as /dev/vda (virtio-blk) or /dev/nvme0n1 (NVMe)`},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			img := tt.img
+			img.Kernel, img.Rootfs, img.RootfsFormat = kernel, rootfs, "raw"
+			m, err := NewMachine(context.Background(), Config{
+				Name: "t", QEMU: qemu, Image: img,
+				Unit:      TestUnit{Name: "t.service", Text: []byte("[Service]\nExecStart=/bin/true\n")},
+				Accel:     Accel{Name: "tcg"},
+				WorkDir:   t.TempDir(),
+				Layer:     tt.layer,
+				Transport: fakeTransport{},
+			})
+			if tt.wantErr != "" {
+				require.ErrorContains(t, err, tt.wantErr)
+				return
+			}
+			require.NoError(t, err)
+			args := strings.Join(m.Args(), " ") + " "
+			cmdline := m.KernelCommandLine()
+			for _, s := range tt.wantArgs {
+				assert.Contains(t, args, s)
+			}
+			for _, s := range tt.notArgs {
+				assert.NotContains(t, args, s)
+			}
+			for _, s := range tt.wantCmdline {
+				assert.Contains(t, cmdline, s)
+			}
+			for _, s := range tt.notCmdline {
+				assert.NotContains(t, cmdline, s)
+			}
+		})
+	}
+}

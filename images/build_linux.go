@@ -109,6 +109,7 @@ func buildWithMmdebstrap(ctx context.Context, r *Recipe, key, out string, log *p
 		RootfsFormat:  "raw",
 		RootDevice:    r.RootDevice,
 		KernelCmdline: r.KernelCmdline,
+		BootInitrd:    r.Initrd,
 		Packages:      boot.packages,
 	}, nil
 }

@@ -42,9 +42,15 @@ type Manifest struct {
 	RootDevice   string `json:"root_device"`
 	// KernelCmdline is what the kernel command line must contain for the
 	// image to boot, e.g. "root=/dev/vda rw".
-	KernelCmdline string    `json:"kernel_cmdline"`
-	Packages      []Package `json:"packages"`
+	KernelCmdline string `json:"kernel_cmdline"`
+	// BootInitrd is the recipe's initrd setting: nil or true boots through
+	// Initrd, false boots the kernel straight into the root file system.
+	BootInitrd *bool     `json:"boot_initrd,omitempty"`
+	Packages   []Package `json:"packages"`
 }
+
+// BootsInitrd reports whether the image boots through its initrd.
+func (m Manifest) BootsInitrd() bool { return m.BootInitrd == nil || *m.BootInitrd }
 
 // Package is one installed Debian package.
 type Package struct {

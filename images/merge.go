@@ -26,7 +26,8 @@ type fileTree map[string]treeEntry
 // resolve merges the recipe file f (with its files directory, nil if none)
 // over base, the resolved recipe it extends (nil for a root recipe).
 //
-// Scalars a child may change: distribution, variant and rootfs_size. The
+// Scalars a child may change: distribution, variant, rootfs_size and
+// initrd (a child whose tests need an initrd boots through it). The
 // name is each file's own. root_device and kernel_cmdline say how the
 // harness boots the image and what the base's initrd is made for, so a
 // child may only repeat the base's values. Lists are appended without
@@ -42,6 +43,10 @@ func resolve(base *Recipe, f *recipeFile, files fs.FS, layer string) (*Recipe, e
 	override(&r.Distribution, f.Distribution)
 	override(&r.Variant, f.Variant)
 	override(&r.RootfsSize, f.RootfsSize)
+	if f.Initrd != nil {
+		v := *f.Initrd
+		r.Initrd = &v
+	}
 	for _, fixed := range []struct {
 		field       string
 		have, child string
@@ -52,6 +57,11 @@ func resolve(base *Recipe, f *recipeFile, files fs.FS, layer string) (*Recipe, e
 	}
 	if base == nil {
 		r.RootDevice, r.KernelCmdline = f.RootDevice, f.KernelCmdline
+	}
+	if !r.BootsInitrd() {
+		if bus, err := RootDiskBus(r.RootDevice); err == nil && bus != BusNVMe {
+			errs = append(errs, fmt.Errorf("initrd false: the root device %s needs a driver Debian's kernel has only as a module (virtio-blk), so only the initrd can mount it; use root_device /dev/nvme0n1 or boot through the initrd", r.RootDevice))
+		}
 	}
 	r.Packages = appendNew(r.Packages, f.Packages...)
 	// A child may turn a unit the base disables back on, and the reverse.

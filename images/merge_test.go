@@ -113,7 +113,9 @@ func TestResolveErrors(t *testing.T) {
 		files   map[string]string
 		wantErr string
 	}{
-		{name: "root device differs", child: `{"base": "../base/recipe.json", "name": "c", "root_device": "/dev/sda"}`, wantErr: `root_device "/dev/sda": differs from the base's "/dev/vda"`},
+		{name: "root device differs", child: `{"base": "../base/recipe.json", "name": "c", "root_device": "/dev/nvme0n1"}`, wantErr: `root_device "/dev/nvme0n1": differs from the base's "/dev/vda"`},
+		{name: "root device on no bus the harness has", child: `{"base": "../base/recipe.json", "name": "c", "root_device": "/dev/sda"}`, wantErr: `root_device "/dev/sda": vmharness attaches the root disk as /dev/vda (virtio-blk) or /dev/nvme0n1 (NVMe)`},
+		{name: "no initrd for a root on virtio-blk", child: `{"base": "../base/recipe.json", "name": "c", "initrd": false}`, wantErr: `initrd false: the root device /dev/vda needs a driver Debian's kernel has only as a module`},
 		{name: "kernel cmdline differs", child: `{"base": "../base/recipe.json", "name": "c", "kernel_cmdline": "root=/dev/vda ro"}`, wantErr: `kernel_cmdline "root=/dev/vda ro": differs`},
 		{name: "file where the base has a directory", child: `{"base": "../base/recipe.json", "name": "c", "files": "files"}`, files: map[string]string{"usr/local/bin": "x"},
 			wantErr: "files: usr/local/bin is a file here but a directory in"},
@@ -217,4 +219,22 @@ func TestWriteFilesTarLayersAndSysusers(t *testing.T) {
 	bare, err := parseRecipe([]byte(validRecipe))
 	require.NoError(t, err)
 	assert.False(t, bare.hasFilesTar(), "no files, no sysusers: no tar-in")
+}
+
+func TestResolveInitrdSetting(t *testing.T) {
+	tests := []struct {
+		name  string
+		child string
+		want  bool
+	}{
+		{"inherited from the default (no initrd)", `{"base": "default", "name": "c"}`, false},
+		{"a child whose tests need an initrd boots through it", `{"base": "default", "name": "c", "initrd": true}`, true},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			r, err := LoadRecipe(writeRecipe(t, t.TempDir(), tt.child, nil))
+			require.NoError(t, err)
+			assert.Equal(t, tt.want, r.BootsInitrd())
+		})
+	}
 }

@@ -55,6 +55,11 @@ type Recipe struct {
 	// guest, and KernelCmdline the command line fragment that mounts it.
 	RootDevice    string `json:"root_device"`
 	KernelCmdline string `json:"kernel_cmdline"`
+	// Initrd says whether the harness boots the image through the initrd
+	// its kernel package made (nil: yes). Without one the kernel mounts
+	// the root itself, so its driver must be built in: Debian's cloud
+	// kernel has NVMe built in, virtio-blk only as a module.
+	Initrd *bool `json:"initrd,omitempty"`
 
 	// source describes where the recipe came from, for messages.
 	source string
@@ -82,6 +87,7 @@ type recipeFile struct {
 	RootfsSize    string            `json:"rootfs_size,omitempty"`
 	RootDevice    string            `json:"root_device,omitempty"`
 	KernelCmdline string            `json:"kernel_cmdline,omitempty"`
+	Initrd        *bool             `json:"initrd,omitempty"`
 }
 
 // Source says where the recipe was loaded from ("built-in default recipe",
@@ -302,7 +308,35 @@ func (f *recipeFile) validate() error {
 	if (root || f.KernelCmdline != "") && !strings.Contains(" "+f.KernelCmdline+" ", " root=") {
 		bad("kernel_cmdline %q: must say root=...", f.KernelCmdline)
 	}
+	if f.RootDevice != "" {
+		if _, err := RootDiskBus(f.RootDevice); err != nil {
+			bad("root_device %q: %v", f.RootDevice, err)
+		}
+	}
 	return errors.Join(errs...)
+}
+
+// BootsInitrd reports whether the harness boots the image through its
+// initrd.
+func (r *Recipe) BootsInitrd() bool { return r.Initrd == nil || *r.Initrd }
+
+// Root disk buses the harness can attach the root file system on.
+const (
+	BusVirtioBlk = "virtio-blk"
+	BusNVMe      = "nvme"
+)
+
+// RootDiskBus returns the bus the harness attaches the root disk on so
+// that it appears as dev in the guest: /dev/vda on virtio-blk (the only
+// virtio disk at boot) or /dev/nvme0n1 on NVMe (the only NVMe controller).
+func RootDiskBus(dev string) (string, error) {
+	switch dev {
+	case "/dev/vda":
+		return BusVirtioBlk, nil
+	case "/dev/nvme0n1":
+		return BusNVMe, nil
+	}
+	return "", fmt.Errorf("vmharness attaches the root disk as /dev/vda (virtio-blk) or /dev/nvme0n1 (NVMe)")
 }
 
 // fileMode is the mode a file from the files directories gets in the image.

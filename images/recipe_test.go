@@ -80,7 +80,9 @@ func TestDefaultRecipe(t *testing.T) {
 	assert.Equal(t, "trixie", r.Distribution)
 	assert.Contains(t, r.Packages, "openssh-server")
 	assert.Contains(t, r.Packages, "linux-image-cloud-amd64")
-	assert.Equal(t, "root=/dev/vda rw", r.KernelCmdline)
+	assert.Equal(t, "/dev/nvme0n1", r.RootDevice)
+	assert.Equal(t, "root=/dev/nvme0n1 rootfstype=ext4 rootwait rw", r.KernelCmdline)
+	assert.False(t, r.BootsInitrd(), "the default image boots without its initrd")
 
 	var files []string
 	require.NoError(t, r.walkFiles(func(rel string, e treeEntry, mode fs.FileMode) error {

@@ -11,8 +11,9 @@ import (
 // prepareBuildLayer installs the Meson build directory buildDir and
 // returns the build-tree layer of what it installed (built on a cache
 // miss, else reused), for the run to attach as a read-only virtio disk
-// with serial "vmharness-layer"; the image's initrd extracts it onto the
-// root overlay before PID 1 starts. The layer is in the same cache as the
+// with serial "vmharness-layer"; the image's boot (its initrd, or
+// layer-init when it boots without one) extracts it onto the root overlay
+// before PID 1 starts. The layer is in the same cache as the
 // images, and held against `vmharness image prune` until release is
 // called, which the run must do once QEMU has exited. Errors are bad input
 // (exit 99): not a build directory, meson install failing, an install tree

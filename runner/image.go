@@ -20,12 +20,22 @@ func ensureImage(ctx context.Context, env *cliEnv, recipePath string) (img harne
 	if err != nil {
 		return harness.BootImage{}, nil, err
 	}
-	return harness.BootImage{
-		Kernel:       found.Kernel,
-		Initrd:       found.Initrd,
-		Rootfs:       found.Rootfs,
-		RootfsFormat: found.RootfsFormat,
-	}, release, nil
+	return bootImage(found), release, nil
+}
+
+// bootImage says how the harness boots img, from its manifest.
+func bootImage(img *images.Image) harness.BootImage {
+	b := harness.BootImage{
+		Kernel:       img.Kernel,
+		Rootfs:       img.Rootfs,
+		RootfsFormat: img.RootfsFormat,
+		RootDevice:   img.Manifest.RootDevice,
+		RootCmdline:  img.Manifest.KernelCmdline,
+	}
+	if img.Manifest.BootsInitrd() {
+		b.Initrd = img.Initrd
+	}
+	return b
 }
 
 // runRecipe is the recipe runs boot: path (--recipe), else

@@ -38,8 +38,8 @@ type phase struct {
 }
 
 var phases = []phase{
-	{"kernel", "guest: kernel start to /init (kernel log 'Run /init')"},
-	{"initrd", "guest: /init to the real root's PID 1 (its banner)"},
+	{"kernel", "guest: kernel start to init (kernel log 'Run /init' or 'Run /sbin/init')"},
+	{"initrd", "guest: init to the real root's PID 1 banner (the initrd, if any)"},
 	{"basic.target", "guest: PID 1 start to basic.target"},
 	{"unit start", "guest: basic.target to the test unit's start"},
 	{"unit", "guest: the test unit, start to finish"},
@@ -140,7 +140,7 @@ func hostPhases(stderr string, r map[string]float64) {
 // guestPhases reads the journal's monotonic timestamps of the phase marks.
 func guestPhases(journal, unit string, r map[string]float64) error {
 	out, err := exec.Command("journalctl", "--file="+journal, "-o", "json", "--no-pager",
-		"--output-fields=MESSAGE,_PID,_TRANSPORT,__MONOTONIC_TIMESTAMP").Output()
+		"--output-fields=MESSAGE,_PID,_TRANSPORT,SYSLOG_IDENTIFIER,_SOURCE_MONOTONIC_TIMESTAMP,__MONOTONIC_TIMESTAMP").Output()
 	if err != nil {
 		return fmt.Errorf("reading %s: %w", journal, err)
 	}
@@ -159,19 +159,32 @@ func guestPhases(journal, unit string, r map[string]float64) error {
 			continue
 		}
 		msg, _ := e["MESSAGE"].(string)
-		mono, _ := e["__MONOTONIC_TIMESTAMP"].(string)
+		// Kernel messages reach the journal when journald starts and
+		// reads them from /dev/kmsg; their own time is in
+		// _SOURCE_MONOTONIC_TIMESTAMP (what journalctl -o
+		// short-monotonic shows too).
+		mono, _ := e["_SOURCE_MONOTONIC_TIMESTAMP"].(string)
+		if mono == "" {
+			mono, _ = e["__MONOTONIC_TIMESTAMP"].(string)
+		}
 		usec, err := strconv.ParseFloat(mono, 64)
 		if err != nil {
 			continue
 		}
 		t := usec / 1e6
 		switch {
-		case e["_TRANSPORT"] == "kernel" && strings.HasPrefix(msg, "Run /init as init process"):
+		case e["_TRANSPORT"] == "kernel" && strings.HasPrefix(msg, "Run /") && strings.HasSuffix(msg, " as init process"):
+			// "Run /init" (an initrd) or "Run /sbin/init" (none).
 			first("init", t)
 		case strings.Contains(msg, " running in system mode"):
 			// PID 1's banner: logged to the kernel log before journald
 			// runs, so it comes in with the kernel's transport.
 			first("pid1", t)
+		case e["SYSLOG_IDENTIFIER"] == "vmharness-journal-marker":
+			// Logged by the test's ExecStopPost= once its main process
+			// has exited. A runner that stops the VM as soon as it has
+			// the marker may never receive PID 1's "Finished" line.
+			first("unit end", t)
 		case e["_PID"] == "1":
 			if strings.HasPrefix(msg, "Reached target basic.target") {
 				first("basic", t)

@@ -219,7 +219,7 @@ func run(ctx context.Context, o options, out io.Writer) (int, error) {
 	}
 	m, err := harness.NewMachine(ctx, harness.Config{
 		Name:        "vsockbench",
-		Image:       harness.BootImage{Kernel: img.Kernel, Initrd: img.Initrd, Rootfs: img.Rootfs, RootfsFormat: img.RootfsFormat},
+		Image:       bootImage(img),
 		Unit:        harness.TestUnit{Name: unitName, Text: []byte(unitText)},
 		Credentials: creds,
 		Accel:       accel,
@@ -415,3 +415,13 @@ func (r *reportData) print(out io.Writer) {
 func pct(f float64) string { return fmt.Sprintf("%.0f%%", f*100) }
 
 func ms(d time.Duration) string { return fmt.Sprintf("%.2fms", float64(d)/float64(time.Millisecond)) }
+
+// bootImage boots img as the runner does (runner's bootImage).
+func bootImage(img *images.Image) harness.BootImage {
+	b := harness.BootImage{Kernel: img.Kernel, Rootfs: img.Rootfs, RootfsFormat: img.RootfsFormat,
+		RootDevice: img.Manifest.RootDevice, RootCmdline: img.Manifest.KernelCmdline}
+	if img.Manifest.BootsInitrd() {
+		b.Initrd = img.Initrd
+	}
+	return b
+}

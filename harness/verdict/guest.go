@@ -70,8 +70,8 @@ type GuestSetup struct {
 	// test's VM stays up; its result still reaches the host.
 	KeepOnFailure bool
 	// RequireLayer: a build-tree layer is attached, and the test must not
-	// run on the base image should the initrd not have applied it (an
-	// image without vmharness's initrd script, say).
+	// run on the base image should the boot not have applied it (an
+	// image without vmharness's layer scripts, say).
 	RequireLayer bool
 }
 
@@ -81,8 +81,9 @@ type GuestSetup struct {
 // whole journal.
 const JournalMarkerIdentifier = "vmharness-journal-marker"
 
-// LayerMarker is the file the initrd writes once it applied a build-tree
-// layer (images/default's init-bottom/vmharness-layer).
+// LayerMarker is the file the boot writes once it applied a build-tree
+// layer (images/default's usr/lib/vmharness/apply-layer, run by the
+// initrd or by layer-init).
 const LayerMarker = "/run/vmharness-layer"
 
 // waitForCoredumps waits until no process is dumping core, 3 minutes at
@@ -95,7 +96,7 @@ const LayerMarker = "/run/vmharness-layer"
 // script for a unit file, where "$$" is "$".
 const waitForCoredumps = `i=0; ` +
 	`while grep -qs "^CoreDumping:[[:space:]]*1" /proc/[0-9]*/status; do ` +
-	`if test $$i -ge 900; then echo "vmharness: a process is still dumping core after 3 minutes; its core dump may be missing from the journal"; exit 0; fi; ` +
+	`if test $$i -ge 900; then echo "vmharness: a process is still dumping core after 3 minutes; its core dump may be missing from the journal"; break; fi; ` +
 	`i=$$((i+1)); sleep 0.2; done`
 
 // Files returns the credentials that install the protocol: the test unit's
@@ -157,23 +158,27 @@ func (g GuestSetup) units() []guestUnit {
 		// for it before the journal marker below, so that neither the
 		// success action nor the host, which stops the VM once it has the
 		// marker, cuts the dump off.
-		unit.NewUnitOption("Service", "ExecStopPost", "-+/bin/sh -c '"+waitForCoredumps+"'"),
-		// journald may still be working through the unit's output when it
-		// exits (under TCG it forwards a few hundred lines a second); the
-		// success or failure action would power the VM off and lose the
-		// rest. --sync returns once journald has processed (and so
-		// forwarded) everything queued. The marker before it lets the host
-		// see when the journal up to here has arrived: it is forwarded
-		// after every line the test logged.
-		unit.NewUnitOption("Service", "ExecStopPost", "-+/usr/bin/systemd-cat -t "+JournalMarkerIdentifier+" /bin/echo ${INVOCATION_ID}"),
-		unit.NewUnitOption("Service", "ExecStopPost", "-+/usr/bin/journalctl --sync"),
-		// The unit's own result goes to the host: the exit status PID 1
-		// forwards cannot tell a failure with status 123 from the success
-		// action. With it goes the manager's state: "stopping" means a
-		// shutdown is already under way, and PID 1 then skips the success
-		// action.
-		unit.NewUnitOption("Service", "ExecStopPost", fmt.Sprintf(`-+/bin/sh -c '%s %s="$$SERVICE_RESULT" %s="$$EXIT_CODE" %s="$$EXIT_STATUS" %s="$$(systemctl is-system-running)" %s="$$INVOCATION_ID"'`,
-			notify, FieldTestResult, FieldTestExitCode, FieldTestExitStatus, FieldSystemState, FieldInvocation)),
+		unit.NewUnitOption("Service", "ExecStopPost", "-+"+shellCommand(
+			waitForCoredumps+";",
+			// journald may still be working through the unit's output
+			// when it exits (under TCG it forwards a few hundred lines a
+			// second); the success or failure action would power the VM
+			// off and lose the rest. --sync returns once journald has
+			// processed (and so forwarded) everything queued. The marker
+			// before it lets the host see when the journal up to here has
+			// arrived: it is forwarded after every line the test logged.
+			"/usr/bin/systemd-cat -t "+JournalMarkerIdentifier+` /bin/echo "$$INVOCATION_ID";`,
+			"/usr/bin/journalctl --sync;",
+			// The unit's own result goes to the host: the exit status PID
+			// 1 forwards cannot tell a failure with status 123 from the
+			// success action. With it goes the manager's state:
+			// "stopping" means a shutdown is already under way, and PID 1
+			// then skips the success action.
+			fmt.Sprintf(`%s %s="$$SERVICE_RESULT" %s="$$EXIT_CODE" %s="$$EXIT_STATUS" %s="$$(systemctl is-system-running)" %s="$$INVOCATION_ID"`,
+				notify, FieldTestResult, FieldTestExitCode, FieldTestExitStatus, FieldSystemState, FieldInvocation))),
+		// One command, not four: under TCG each ExecStopPost= costs PID 1
+		// a fork and an exec of systemd-executor, about a tenth of a
+		// second.
 		// ExecStopPost= counts against TimeoutStopSec= (90s by default),
 		// and journald may need longer than that for a chatty test under
 		// TCG; the harness's own --timeout bounds the whole run instead.

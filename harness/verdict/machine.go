@@ -391,7 +391,7 @@ func (v *Verdict) fromUnitResult(u UnitResult, source string) Outcome {
 
 func (v *Verdict) withoutUnitResult() Outcome {
 	if q := v.qemu; q != nil {
-		// The initrd stops the boot when it cannot apply the build-tree
+		// The boot (initrd or layer-init) stops the boot when it cannot apply the build-tree
 		// layer, rather than boot the base image instead.
 		if line := findLine(q.ConsoleTail, "vmharness-layer: "); line != "" {
 			return fail("the build-tree layer could not be applied: " + line)

@@ -51,9 +51,11 @@ func vmharness(t *testing.T) string {
 	return runnerBin
 }
 
-// layerQEMUArgs attaches the layer as the harness does for --build-dir.
+// layerQEMUArgs attaches the layer as the harness does for --build-dir:
+// the default image boots without an initrd, so layer-init applies it.
 func layerQEMUArgs(path string) []string {
 	return []string{
+		"--kernel-arg=init=/usr/lib/vmharness/layer-init",
 		"--qemu-arg=-drive", "--qemu-arg=if=none,id=layer,file=" + path + ",format=raw,readonly=on",
 		"--qemu-arg=-device", "--qemu-arg=virtio-blk-pci,drive=layer,serial=vmharness-layer",
 	}
@@ -106,7 +108,7 @@ func TestE2ELayer(t *testing.T) {
 	}
 }
 
-// TestE2ELayerBroken: a layer the initrd cannot apply stops the boot at
+// TestE2ELayerBroken: a layer the boot cannot apply stops the boot at
 // once (the guest powers off) and says why on the console, instead of
 // booting the base. The layer has a file where the base has a directory
 // with files in it, which GNU cpio reports but exits 0 for.
