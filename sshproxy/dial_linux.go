@@ -8,9 +8,8 @@ import (
 	"strings"
 	"time"
 
-	"github.com/mdlayher/vsock"
-
 	"github.com/vmharness/vmharness/harness/registry"
+	hvsock "github.com/vmharness/vmharness/harness/vsock"
 )
 
 // DefaultTimeout bounds connecting plus the hybrid handshake. The guest's
@@ -104,7 +103,7 @@ func dialEntry(ctx context.Context, e registry.Entry, port uint32) (net.Conn, er
 	if e.Transport != registry.TransportKernel && e.HybridSocket != "" {
 		return dialHybrid(ctx, e.HybridSocket, port)
 	}
-	c, err := vsock.DialContext(ctx, e.CID, port, nil)
+	c, err := hvsock.DialKernel(ctx, e.CID, port)
 	if err != nil {
 		return nil, fmt.Errorf("connect to vsock CID %d port %d of VM %q: %w", e.CID, port, e.Name, err)
 	}
