@@ -115,9 +115,13 @@ func (t *tester) run(ctx context.Context, l2init, vmharness string, memMiB int) 
 		return
 	}
 	kver := strings.TrimSpace(string(release))
-	if own, err := vsock.ContextID(); err == nil {
-		t.logf("this L1 guest's own CID (towards its host): %d", own)
+	// The L1's own CID towards its host is taken in its kernel too: the
+	// registry may offer it, and the kernel must refuse it.
+	own, err := vsock.ContextID()
+	if !t.check("read this L1 guest's own CID", err) {
+		return
 	}
+	t.logf("this L1 guest's own CID (towards its host): %d", own)
 	if !t.check("modprobe vhost_vsock and /dev/vhost-vsock", loadVhostVsock(t)) {
 		return
 	}
@@ -155,9 +159,14 @@ func (t *tester) run(ctx context.Context, l2init, vmharness string, memMiB int) 
 			g.stop()
 		}
 	}()
-	t.check("the two L2 guests have distinct CIDs", func() error {
+	t.check("the two L2 guests have distinct CIDs, neither the L1's own", func() error {
 		if guests[0].tr.CID() == guests[1].tr.CID() {
 			return fmt.Errorf("both have CID %d", guests[0].tr.CID())
+		}
+		for _, g := range guests {
+			if g.tr.CID() == own {
+				return fmt.Errorf("%s has the L1's own CID %d", g.name, own)
+			}
 		}
 		t.logf("CIDs: %s=%d, %s=%d", guests[0].name, guests[0].tr.CID(), guests[1].name, guests[1].tr.CID())
 		return nil
@@ -485,7 +494,7 @@ func startGuest(ctx context.Context, t *tester, reg *registry.Registry, name, ke
 		return nil, err
 	}
 	args := []string{
-		"-machine", "q35", "-accel", "tcg", "-cpu", "max", "-smp", "1", "-m", strconv.Itoa(memMiB),
+		"-machine", "q35", "-accel", "tcg", "-smp", "1", "-m", strconv.Itoa(memMiB),
 		"-nodefaults", "-no-user-config", "-display", "none", "-monitor", "none", "-no-reboot",
 		"-serial", "file:" + g.console,
 		"-kernel", kernel, "-initrd", initrd,
@@ -629,6 +638,8 @@ func (g *guest) exercise(ctx context.Context, t *tester, vmharness string, statu
 		return nil
 	}()
 	t.check(fmt.Sprintf("%s: guest to host: EXIT_STATUS=%d arrived, then the guest powered off and QEMU exited 0", g.name, status), err)
+	// The L2's console, with its kernel's own timestamps.
+	t.logf("%s: L2 console:\n%s", g.name, g.consoleTail())
 }
 
 // sshProxy runs `vmharness ssh-proxy vsock/CID 22` as ssh does with
