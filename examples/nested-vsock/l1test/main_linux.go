@@ -498,7 +498,7 @@ func startGuest(ctx context.Context, t *tester, reg *registry.Registry, name, ke
 		"-nodefaults", "-no-user-config", "-display", "none", "-monitor", "none", "-no-reboot",
 		"-serial", "file:" + g.console,
 		"-kernel", kernel, "-initrd", initrd,
-		"-append", fmt.Sprintf("console=ttyS0 quiet panic=-1 nested.notify_port=%d", port),
+		"-append", fmt.Sprintf("console=ttyS0 panic=-1 nested.notify_port=%d", port),
 	}
 	args = append(args, tr.QEMUArgs()...)
 	g.qemu = exec.Command("qemu-system-x86_64", args...)
@@ -638,8 +638,37 @@ func (g *guest) exercise(ctx context.Context, t *tester, vmharness string, statu
 		return nil
 	}()
 	t.check(fmt.Sprintf("%s: guest to host: EXIT_STATUS=%d arrived, then the guest powered off and QEMU exited 0", g.name, status), err)
-	// The L2's console, with its kernel's own timestamps.
-	t.logf("%s: L2 console:\n%s", g.name, g.consoleTail())
+	// Where the L2's boot spent its time, by its kernel's own timestamps,
+	// and what its init said.
+	b, _ := os.ReadFile(g.console)
+	t.logf("%s: L2 kernel messages after a pause of 10 s or more, and l2init's:\n%s", g.name, strings.Join(slowSteps(string(b), 10), "\n"))
+}
+
+// kernelStamp matches a kernel message's timestamp, "[   12.345678] ".
+var kernelStamp = regexp.MustCompile(`^\[\s*([0-9]+\.[0-9]+)\] `)
+
+// slowSteps returns the console lines that came minPause seconds or more
+// (kernel time) after the previous kernel message, each with the pause,
+// the last kernel message, and the lines without a timestamp (l2init's).
+func slowSteps(console string, minPause float64) []string {
+	var out []string
+	prev, last := 0.0, ""
+	for _, l := range strings.Split(strings.TrimSpace(console), "\n") {
+		m := kernelStamp.FindStringSubmatch(l)
+		if m == nil {
+			out = append(out, l)
+			continue
+		}
+		ts, _ := strconv.ParseFloat(m[1], 64)
+		if ts-prev >= minPause {
+			out = append(out, fmt.Sprintf("(+%.1fs) %s", ts-prev, l))
+		}
+		prev, last = ts, l
+	}
+	if last != "" {
+		out = append(out, "last kernel message: "+last)
+	}
+	return out
 }
 
 // sshProxy runs `vmharness ssh-proxy vsock/CID 22` as ssh does with
