@@ -8,9 +8,8 @@ import (
 	"strings"
 	"time"
 
-	"github.com/mdlayher/vsock"
-
 	"github.com/vmharness/vmharness/harness/registry"
+	hvsock "github.com/vmharness/vmharness/harness/vsock"
 )
 
 // DefaultTimeout bounds connecting plus the hybrid handshake. The guest's
@@ -96,13 +95,15 @@ func (d *Dialer) resolve(addr Address) (registry.Entry, error) {
 	return e, fmt.Errorf("no running harness VM is called %q (see vmharness ps)", addr.Name)
 }
 
-// dialEntry connects to port in a registered VM: through its hybrid socket
-// if it has one, else through the kernel's AF_VSOCK.
+// dialEntry connects to port in a registered VM: with the kernel's
+// AF_VSOCK if the kernel transport serves it (ssh then holds the real
+// socket, and no byte passes through the runner, although it has a hybrid
+// socket too), else through its hybrid socket.
 func dialEntry(ctx context.Context, e registry.Entry, port uint32) (net.Conn, error) {
-	if e.HybridSocket != "" {
+	if e.Transport != registry.TransportKernel && e.HybridSocket != "" {
 		return dialHybrid(ctx, e.HybridSocket, port)
 	}
-	c, err := vsock.DialContext(ctx, e.CID, port, nil)
+	c, err := hvsock.DialKernel(ctx, e.CID, port)
 	if err != nil {
 		return nil, fmt.Errorf("connect to vsock CID %d port %d of VM %q: %w", e.CID, port, e.Name, err)
 	}

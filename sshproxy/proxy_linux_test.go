@@ -231,3 +231,25 @@ func TestProxyHonoursCancel(t *testing.T) {
 	assert.Less(t, time.Since(start), 3*time.Second)
 	assert.False(t, errors.Is(err, context.DeadlineExceeded))
 }
+
+// A VM served by the kernel transport also has a hybrid socket (the
+// runner registers it), but the proxy must hand ssh a real AF_VSOCK
+// socket: the working hybrid socket here must not be touched, and the
+// AF_VSOCK connect to a CID nobody has fails.
+func TestProxyKernelTransportDialsAFVsock(t *testing.T) {
+	hybrid := startFakeHybrid(t, answerOK, func(c net.Conn) { io.WriteString(c, "SSH-2.0-fake\r\n") })
+	stdout, _ := socketpair(t)
+	resolver := fakeResolver{{Name: "k", CID: 4001, Transport: registry.TransportKernel, HybridSocket: hybrid.Path}}
+	p := Proxy{Dialer: Dialer{Resolver: resolver, Timeout: 3 * time.Second}, Stdin: strings.NewReader(""), Stdout: stdout}
+	err := p.Run(context.Background(), "vsock/4001", 22)
+	require.Error(t, err)
+	assert.Contains(t, err.Error(), "connect to vsock CID 4001 port 22")
+	assert.Empty(t, hybrid.Requests(), "the kernel transport's VM was reached through its hybrid socket")
+
+	// The same entry with the userspace transport goes through the hybrid
+	// socket.
+	resolver[0].Transport = registry.TransportUser
+	p.Dialer.Resolver = resolver
+	require.NoError(t, p.Run(context.Background(), "vsock/4001", 22))
+	assert.Equal(t, []string{"CONNECT 22\n"}, hybrid.Requests())
+}

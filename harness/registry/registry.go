@@ -53,7 +53,8 @@ type Entry struct {
 	// Transport is TransportUser or TransportKernel.
 	Transport string `json:"transport"`
 	// HybridSocket is the Unix socket speaking "CONNECT <port>\n"/"OK <n>\n"
-	// to the guest, or "" for the kernel transport.
+	// to the guest. Both transports have one; ssh-proxy uses it only for
+	// the userspace transport and AF_VSOCK for the kernel's.
 	HybridSocket string `json:"hybrid_socket,omitempty"`
 	// QEMUPID is the QEMU process, 0 until it has started.
 	QEMUPID int `json:"qemu_pid"`

@@ -8,6 +8,7 @@ import (
 	"os"
 	"path/filepath"
 	"sync"
+	"time"
 	"unsafe"
 
 	"github.com/mdlayher/vsock"
@@ -165,7 +166,7 @@ func (t *kernelTransport) Listen(port uint32) (net.Listener, error) {
 }
 
 func (t *kernelTransport) Dial(ctx context.Context, port uint32) (net.Conn, error) {
-	c, err := vsock.DialContext(ctx, t.cid, port, nil)
+	c, err := DialKernel(ctx, t.cid, port)
 	if err != nil {
 		return nil, fmt.Errorf("vsock: connecting to guest %d port %d: %w", t.cid, port, err)
 	}
@@ -205,5 +206,38 @@ func (l *guestListener) Accept() (net.Conn, error) {
 			return c, nil
 		}
 		c.Close()
+	}
+}
+
+// kernelRetryPause separates connect attempts after the kernel's connect
+// timeout, so a connect that fails at once with ETIMEDOUT cannot spin.
+const kernelRetryPause = 100 * time.Millisecond
+
+// DialKernel connects to port of the guest cid with AF_VSOCK until ctx
+// ends. The kernel gives up a vsock connect after its own timeout (2 s,
+// SO_VM_SOCKETS_CONNECT_TIMEOUT), whatever ctx allows, and a slow guest
+// answers later: in examples/nested-vsock a just-booted nested TCG guest on
+// a loaded host missed it once. So a connect that timed out is tried again
+// while ctx lasts; any other error (the port refused, no such CID) is
+// returned at once.
+func DialKernel(ctx context.Context, cid, port uint32) (net.Conn, error) {
+	return dialRetrying(ctx, func(ctx context.Context) (net.Conn, error) {
+		return vsock.DialContext(ctx, cid, port, nil)
+	}, kernelRetryPause)
+}
+
+// dialRetrying calls dial until it succeeds, fails with anything but
+// ETIMEDOUT, or ctx ends (then the last error is returned).
+func dialRetrying(ctx context.Context, dial func(context.Context) (net.Conn, error), pause time.Duration) (net.Conn, error) {
+	for {
+		c, err := dial(ctx)
+		if err == nil || !errors.Is(err, unix.ETIMEDOUT) {
+			return c, err
+		}
+		select {
+		case <-ctx.Done():
+			return nil, err
+		case <-time.After(pause):
+		}
 	}
 }

@@ -3,9 +3,12 @@ package vsock
 import (
 	"context"
 	"errors"
+	"net"
 	"os"
 	"path/filepath"
+	"slices"
 	"testing"
+	"time"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
@@ -180,4 +183,49 @@ func TestSetGuestCIDOnWrongDevice(t *testing.T) {
 	require.Len(t, log.lines, 1)
 	assert.Contains(t, log.lines[0], "/dev/null: assigning guest CID 3")
 	assert.Contains(t, log.lines[0], "inappropriate ioctl")
+}
+
+// A connect the kernel timed out (its own 2 s limit) is tried again while
+// ctx lasts; other errors and ctx's end stop at once.
+func TestDialRetrying(t *testing.T) {
+	timedOut := &net.OpError{Op: "dial", Net: "vsock", Err: os.NewSyscallError("connect", unix.ETIMEDOUT)}
+	refused := &net.OpError{Op: "dial", Net: "vsock", Err: os.NewSyscallError("connect", unix.ECONNRESET)}
+	tests := []struct {
+		name      string
+		errs      []error // returned by successive attempts; then success
+		ctxLife   time.Duration
+		wantCalls int
+		wantErr   error
+	}{
+		{name: "first try", errs: nil, ctxLife: time.Second, wantCalls: 1},
+		{name: "timed out twice, then connected", errs: []error{timedOut, timedOut}, ctxLife: time.Second, wantCalls: 3},
+		{name: "refused is final", errs: []error{refused, timedOut}, ctxLife: time.Second, wantCalls: 1, wantErr: unix.ECONNRESET},
+		{name: "ctx ends while timing out", errs: slices.Repeat([]error{timedOut}, 1000), ctxLife: 50 * time.Millisecond, wantErr: unix.ETIMEDOUT},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			ctx, cancel := context.WithTimeout(context.Background(), tt.ctxLife)
+			defer cancel()
+			calls := 0
+			server, client := net.Pipe()
+			defer server.Close()
+			c, err := dialRetrying(ctx, func(context.Context) (net.Conn, error) {
+				calls++
+				if calls <= len(tt.errs) {
+					return nil, tt.errs[calls-1]
+				}
+				return client, nil
+			}, 10*time.Millisecond)
+			if tt.wantErr != nil {
+				require.ErrorIs(t, err, tt.wantErr)
+				assert.Nil(t, c)
+			} else {
+				require.NoError(t, err)
+				assert.Same(t, client, c)
+			}
+			if tt.wantCalls > 0 {
+				assert.Equal(t, tt.wantCalls, calls)
+			}
+		})
+	}
 }
