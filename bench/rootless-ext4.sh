@@ -17,7 +17,7 @@
 # Run as an ordinary user with subordinate ids (as root: runuser -u USER
 # -- bench/rootless-ext4.sh). Without ROOTFS.TAR it makes one with
 # mmdebstrap --mode=unshare from the default recipe's packages plus
-# libcap2-bin and iputils-ping (a package that sets a capability).
+# iputils-arping (whose postinst sets a capability).
 #
 #   bench/rootless-ext4.sh [RUNS] [ROOTFS.TAR]      (default 3 runs)
 set -euo pipefail
@@ -43,8 +43,8 @@ trap cleanup EXIT
 if [[ -z "$tarball" ]]; then
   packages=$(sed -n '/"packages": \[/,/\]/p' images/default/recipe.json | grep -o '"[^"]*"' | grep -v packages | tr -d '"' | paste -sd,)
   tarball=$work/rootfs.tar
-  echo "rootless-ext4: mmdebstrap --mode=unshare trixie with $packages,libcap2-bin,iputils-ping" >&2
-  mmdebstrap --quiet --mode=unshare --variant=minbase --include="$packages,libcap2-bin,iputils-ping" trixie "$tarball"
+  echo "rootless-ext4: mmdebstrap --mode=unshare trixie with $packages,iputils-arping" >&2
+  mmdebstrap --quiet --mode=unshare --variant=minbase --include="$packages,iputils-arping" trixie "$tarball"
 fi
 size=2G
 bytes=$((2 << 30))
@@ -116,7 +116,7 @@ done
 # capabilities matter.
 check() {
   local img=$1
-  for p in /usr/bin/ping /usr/bin/su /dev/null /var/log/journal /var/cache/man /etc/shadow; do
+  for p in /usr/bin/arping /usr/bin/su /dev/null /var/log/journal /var/cache/man /etc/shadow; do
     /sbin/debugfs -R "stat $p" "$img" 2>/dev/null | awk -v p="$p" '
       /^Inode:/ { t = $4; m = $6 } /^User:/ { u = $2; g = $4 }
       /security.capability/ { c = " cap" } /Device major/ { d = " dev " $4 }

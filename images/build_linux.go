@@ -295,6 +295,12 @@ func mmdebstrapArgs(r *Recipe, mode, filesTar, target string) []string {
 		script = append(script, `chroot "$1" systemctl disable `+shellQuoteAll(r.DisableUnits))
 	}
 	script = append(script,
+		// apt gives its download directories to its sandbox user _apt, as
+		// on any Debian system, unless mmdebstrap finds that _apt cannot
+		// read the tree's path (a root build in a 0700 cache directory)
+		// and turns the sandbox off. The same owner whatever the path and
+		// mode, so that a root and a rootless build agree.
+		`if chroot "$1" id -u _apt >/dev/null 2>&1; then for d in /var/cache/apt/archives/partial /var/lib/apt/lists/partial; do if [ -d "$1$d" ]; then chroot "$1" chown _apt:root "$d"; fi; done; fi`,
 		// The host's resolv.conf must not leak into a shared image.
 		`rm -f "$1/etc/resolv.conf"`,
 		// The files may have changed /etc/initramfs-tools.

@@ -29,8 +29,9 @@ const testUserEnv = "VMHARNESS_TEST_USER"
 // Every path of the two rootfs.img must agree on type, mode, owner, group,
 // link count, symlink target, device numbers and extended attributes; the
 // recipe has what ownership can get wrong (a 0700 home of another user, a
-// setuid file, a 0600 file, a capability set by a package, device nodes,
-// fast and slow symlinks). It reads the images with debugfs, unmounted.
+// setuid program, 0700 and 0600 files, capabilities that packages'
+// postinst scripts set with setcap, device nodes, fast and slow symlinks).
+// It reads the images with debugfs, unmounted.
 func TestRootlessBuildMatchesRootE2E(t *testing.T) {
 	if os.Getenv("VMHARNESS_E2E") != "1" {
 		t.Skip("set VMHARNESS_E2E=1 to build a recipe as root and as a user and compare the images (needs network, takes minutes)")
@@ -134,10 +135,15 @@ func TestRootlessBuildMatchesRootE2E(t *testing.T) {
 
 	// What the comparison must have covered, seen in the rootless image.
 	for p, want := range map[string]func(ext4Entry) bool{
-		"/usr/bin/ping":                      func(e ext4Entry) bool { return strings.Contains(e.Xattrs, "security.capability") },
+		// iputils-arping's postinst runs setcap cap_net_raw+ep and drops the setuid bit.
+		"/usr/bin/arping": func(e ext4Entry) bool {
+			return e.Mode == 0o100755 && strings.Contains(e.Xattrs, "security.capability (20) = 01 00 00 02 00 20 00 00")
+		},
+		"/usr/bin/clockdiff":                 func(e ext4Entry) bool { return strings.Contains(e.Xattrs, "security.capability") },
 		"/dev/null":                          func(e ext4Entry) bool { return e.Mode == 0o20666 && e.Device == "01:03" },
 		"/home/testuser":                     func(e ext4Entry) bool { return e.Mode == 0o40700 && e.UID == 4711 && e.GID == 4711 },
-		"/usr/local/bin/vmharness-setuid":    func(e ext4Entry) bool { return e.Mode == 0o104755 && e.UID == 0 },
+		"/usr/bin/su":                        func(e ext4Entry) bool { return e.Mode == 0o104755 && e.UID == 0 },
+		"/usr/local/bin/vmharness-private":   func(e ext4Entry) bool { return e.Mode == 0o100700 && e.UID == 0 },
 		"/etc/vmharness-secret":              func(e ext4Entry) bool { return e.Mode == 0o100600 },
 		"/etc/vmharness-link":                func(e ext4Entry) bool { return e.Target == "/usr/lib/os-release" },
 		"/usr/local/lib/vmharness-long-link": func(e ext4Entry) bool { return strings.HasSuffix(e.Target, "/in/the/inode/itself") },
