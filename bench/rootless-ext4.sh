@@ -116,11 +116,12 @@ done
 # capabilities matter.
 check() {
   local img=$1
-  for p in /usr/bin/arping /usr/bin/su /dev/null /var/log/journal /var/cache/man /etc/shadow; do
+  for p in /usr/bin/arping /usr/bin/su /dev/null /var/log/journal /var/lib/apt/lists/partial /etc/shadow; do
     /sbin/debugfs -R "stat $p" "$img" 2>/dev/null | awk -v p="$p" '
-      /^Inode:/ { t = $4; m = $6 } /^User:/ { u = $2; g = $4 }
+      /^Inode:/ { t = $0; sub(/.*Type: */, "", t); sub(/ *Mode:.*/, "", t); m = $0; sub(/.*Mode: */, "", m); sub(/ .*/, "", m) }
+      /^User:/ { u = $2; g = $4 }
       /security.capability/ { c = " cap" } /Device major/ { d = " dev " $4 }
-      END { printf "  %-18s %-10s %s uid %s gid %s%s%s\n", p, t, m, u, g, c, d }'
+      END { if (t == "") t = "missing"; printf "  %-28s %-18s %-6s uid %s gid %s%s%s\n", p, t, m, u, g, c, d }'
   done
   echo "  e2fsck -f -n: $(/sbin/e2fsck -f -n "$img" >/dev/null 2>&1 && echo clean || echo ERRORS)"
 }
@@ -129,4 +130,5 @@ for m in userns fixup diskfs; do
   if [[ -f "$work/$m.img" ]]; then check "$work/$m.img"; fi
 done
 echo "diskfs: $(cat "$work/diskfs.out" 2>/dev/null)"
-echo "debugfs fix-up: $(wc -l <"$work/fixup.debugfs") commands, $(grep -vc '^debugfs ' "$work/fixup.err" || true) error lines"
+echo "debugfs fix-up: $(wc -l <"$work/fixup.debugfs") commands, $(grep -vc '^debugfs ' "$work/fixup.err" || true) error lines:"
+grep -v '^debugfs ' "$work/fixup.err" | head -5 || true
