@@ -5,6 +5,7 @@ import (
 	"bytes"
 	"context"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"syscall"
@@ -179,4 +180,26 @@ func TestMkfsFromTarInUserNamespace(t *testing.T) {
 			assert.Equal(t, w.String(), g.String(), p)
 		}
 	}
+}
+
+// TestRemoveTreeOfSubordinateIDs: what a rootless build killed while its
+// tree was unpacked leaves (a 0700 directory of a subordinate id, with a
+// file in it) is removed by the next build's removeTree.
+func TestRemoveTreeOfSubordinateIDs(t *testing.T) {
+	if os.Geteuid() == 0 {
+		t.Skip("tests the rootless path: run as a user with subordinate ids (scripts/test runs it as its CI user)")
+	}
+	ns, err := newUserNamespace(context.Background())
+	if err != nil {
+		t.Skipf("no user namespace for a rootless build here: %v", err)
+	}
+	dir := filepath.Join(t.TempDir(), ".tmp-leftover")
+	out, err := exec.Command(ns.unshare, ns.args("sh", "-c",
+		`set -e; mkdir -p "$1/tree/home"; install -d -m 0700 -o 4711 -g 4711 "$1/tree/home/u"; echo x > "$1/tree/home/u/f"; chown 4711:4711 "$1/tree/home/u/f"`,
+		"sh", dir)...).CombinedOutput()
+	require.NoError(t, err, "%s", out)
+	require.Error(t, os.RemoveAll(dir), "a plain removal cannot do it")
+	require.NoError(t, removeTree(dir))
+	_, err = os.Lstat(dir)
+	assert.ErrorIs(t, err, os.ErrNotExist)
 }
