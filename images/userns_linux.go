@@ -114,7 +114,7 @@ func readSubIDs(path, name, uid string) (subIDRange, error) {
 
 func subIDHint(path, name, why string) error {
 	return fmt.Errorf("building an image without root needs subordinate ids for %s in %s (%s): "+
-		"ask an administrator to run `usermod --add-subuids 100000-165535 --add-subgids 100000-165535 %s`, or build as root",
+		"ask an administrator to give it 65536 ids no other user has in both files, e.g. `usermod --add-subuids 100000-165535 --add-subgids 100000-165535 %s`, or build as root",
 		name, path, why, name)
 }
 
