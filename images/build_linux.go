@@ -12,8 +12,6 @@ import (
 	"os/exec"
 	"path"
 	"path/filepath"
-	"regexp"
-	"strconv"
 	"strings"
 	"syscall"
 	"time"
@@ -24,9 +22,12 @@ import (
 // tree into rootfs.img without mounting anything.
 //
 // As root, mmdebstrap writes a directory (--mode=root) whose ownership is
-// already right. Otherwise it runs in --mode=unshare and writes a tarball,
-// which mke2fs 1.47.1 and later can read with -d directly, so no step needs
-// root or a loop device.
+// already right. Otherwise it runs in --mode=unshare and writes a tarball
+// (bit for bit what root mode would write), which is unpacked and turned
+// into the file system in a user namespace where the tree's owners have
+// their own ids (see userNamespace); the device nodes in it, which nothing
+// but real root can create, are then written into the image with debugfs.
+// No step needs root, a loop device or an e2fsprogs newer than Debian 12's.
 func buildWithMmdebstrap(ctx context.Context, r *Recipe, key, out string, log *progressLog) (*Manifest, error) {
 	mmdebstrap, err := findTool("mmdebstrap", "install it with apt-get install mmdebstrap")
 	if err != nil {
@@ -38,9 +39,15 @@ func buildWithMmdebstrap(ctx context.Context, r *Recipe, key, out string, log *p
 	}
 	work := filepath.Dir(out)
 	mode := "root"
+	var ns *userNamespace
+	var debugfs string
 	if os.Geteuid() != 0 {
 		mode = "unshare"
-		if err := requireTarCapableMke2fs(ctx, mkfs); err != nil {
+		// Checked before mmdebstrap's minutes, not after.
+		if debugfs, err = findTool("debugfs", "install it with apt-get install e2fsprogs"); err != nil {
+			return nil, err
+		}
+		if ns, err = newUserNamespace(ctx); err != nil {
 			return nil, err
 		}
 	}
@@ -57,7 +64,8 @@ func buildWithMmdebstrap(ctx context.Context, r *Recipe, key, out string, log *p
 		}
 	}
 
-	target := filepath.Join(work, "tree")
+	tree := filepath.Join(work, "tree")
+	target := tree
 	if mode == "unshare" {
 		target = filepath.Join(work, "rootfs.tar")
 	}
@@ -84,16 +92,35 @@ func buildWithMmdebstrap(ctx context.Context, r *Recipe, key, out string, log *p
 		return nil, err
 	}
 
+	img := filepath.Join(out, RootfsFile)
 	mkfsLog := filepath.Join(work, "mkfs.log")
-	err = log.step(fmt.Sprintf("mkfs.ext4 -d (%s)", r.RootfsSize), func() error {
-		return runLogged(ctx, mkfsLog, mkfs, "-q", "-F", "-L", "root", "-E", "root_owner=0:0",
-			"-d", target, filepath.Join(out, RootfsFile), r.RootfsSize)
-	})
-	if err != nil {
-		return nil, withLogTail(fmt.Errorf("mkfs.ext4: %w", err), mkfsLog)
-	}
-	if err := log.step("remove the tree", func() error { return removeTree(target) }); err != nil {
-		return nil, err
+	if mode == "root" {
+		err = log.step(fmt.Sprintf("mkfs.ext4 -d (%s)", r.RootfsSize), func() error {
+			return runLogged(ctx, mkfsLog, mkfs, mkfsArgs(tree, img, r.RootfsSize)...)
+		})
+		if err != nil {
+			return nil, withLogTail(fmt.Errorf("mkfs.ext4: %w", err), mkfsLog)
+		}
+		if err := log.step("remove the tree", func() error { return removeTree(tree) }); err != nil {
+			return nil, err
+		}
+	} else {
+		if !ns.maps(boot.maxUID, boot.maxGID) {
+			return nil, fmt.Errorf("the tree has files of uid %d or gid %d, beyond your %d subordinate uids and %d gids: widen the ranges in /etc/subuid and /etc/subgid",
+				boot.maxUID, boot.maxGID, ns.uid.count, ns.gid.count)
+		}
+		err = log.step(fmt.Sprintf("unpack the tree and mkfs.ext4 -d (%s) in a user namespace", r.RootfsSize), func() error {
+			return ns.mkfsFromTar(ctx, mkfsLog, mkfs, target, tree, img, r.RootfsSize, boot.devices)
+		})
+		if err != nil {
+			return nil, withLogTail(fmt.Errorf("mkfs.ext4 in a user namespace: %w", err), mkfsLog)
+		}
+		err = log.step(fmt.Sprintf("add %d device nodes with debugfs", len(boot.devices)), func() error {
+			return addDeviceNodes(ctx, mkfsLog, debugfs, img, boot.devices)
+		})
+		if err != nil {
+			return nil, withLogTail(err, mkfsLog)
+		}
 	}
 	// Keep the build's log with the image: it says which package versions
 	// went in and what the hooks printed.
@@ -112,6 +139,120 @@ func buildWithMmdebstrap(ctx context.Context, r *Recipe, key, out string, log *p
 		BootInitrd:    r.Initrd,
 		Packages:      boot.packages,
 	}, nil
+}
+
+// mkfsArgs is mkfs.ext4's command line, the same for both modes.
+func mkfsArgs(tree, img, size string) []string {
+	return []string{"-q", "-F", "-L", "root", "-E", "root_owner=0:0", "-d", tree, img, size}
+}
+
+// unpackAndMkfs is what mkfsFromTar runs as root of the user namespace:
+// unpack the tarball with owners, modes and extended attributes (but not
+// the device nodes, which mknod refuses there), drop it, make the file
+// system from the tree and remove the tree, whose files only this
+// namespace may remove. Arguments: tree, tarball, exclude list, mkfs and
+// its arguments.
+const unpackAndMkfs = `set -e
+mkdir -- "$1"
+tar -C "$1" -xpf "$2" --numeric-owner --xattrs --xattrs-include='*' --anchored --no-wildcards --exclude-from="$3"
+rm -f -- "$2" "$3"
+tree=$1
+shift 3
+"$@"
+rm -rf -- "$tree"
+`
+
+// mkfsFromTar makes img from mmdebstrap's tarball in the user namespace.
+func (ns *userNamespace) mkfsFromTar(ctx context.Context, logPath, mkfs, tarPath, tree, img, size string, devices []deviceNode) error {
+	exclude := tarPath + ".exclude"
+	var names bytes.Buffer
+	for _, d := range devices {
+		names.WriteString(d.name + "\n")
+	}
+	if err := os.WriteFile(exclude, names.Bytes(), 0o644); err != nil {
+		return err
+	}
+	argv := append([]string{"sh", "-c", unpackAndMkfs, "sh", tree, tarPath, exclude, mkfs}, mkfsArgs(tree, img, size)...)
+	return runLogged(ctx, logPath, ns.unshare, ns.args(argv...)...)
+}
+
+// deviceNode is a character or block device of the tree.
+type deviceNode struct {
+	name         string // as in the tarball, e.g. ./dev/null
+	block        bool
+	major, minor int64
+	perm         int64 // permission bits, setuid and the like included
+	uid, gid     int
+}
+
+// debugfsScript writes the device nodes into the image: debugfs's mknod
+// makes an inode of the type and numbers, set_inode_field gives it the
+// tree's mode and owner.
+func debugfsScript(devices []deviceNode) (string, error) {
+	var b strings.Builder
+	for _, d := range devices {
+		p := "/" + strings.TrimPrefix(strings.TrimPrefix(d.name, "./"), "/")
+		if strings.ContainsAny(p, "\"\\\n") {
+			return "", fmt.Errorf("device node %q: a name debugfs cannot take", d.name)
+		}
+		kind, typ := "c", int64(0o020000)
+		if d.block {
+			kind, typ = "b", 0o060000
+		}
+		// debugfs 1.47.0's mknod links its whole argument, slashes and
+		// all, into the current directory: so from the parent.
+		fmt.Fprintf(&b, "cd \"%s\"\nmknod \"%s\" %s %d %d\ncd /\n", path.Dir(p), path.Base(p), kind, d.major, d.minor)
+		fmt.Fprintf(&b, "set_inode_field \"%s\" mode 0%o\n", p, typ|d.perm&0o7777)
+		fmt.Fprintf(&b, "set_inode_field \"%s\" uid %d\n", p, d.uid)
+		fmt.Fprintf(&b, "set_inode_field \"%s\" gid %d\n", p, d.gid)
+	}
+	return b.String(), nil
+}
+
+// addDeviceNodes runs the debugfs script on img and checks the file
+// system. debugfs exits 0 whatever a command in a script does, so anything
+// it says on stderr but its banner is taken as a failure.
+func addDeviceNodes(ctx context.Context, logPath, debugfs, img string, devices []deviceNode) error {
+	if len(devices) == 0 {
+		return nil
+	}
+	script, err := debugfsScript(devices)
+	if err != nil {
+		return err
+	}
+	logFile, err := os.OpenFile(logPath, os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o644)
+	if err != nil {
+		return err
+	}
+	defer logFile.Close()
+	fmt.Fprintf(logFile, "+ %s -w -f - %s <<EOF\n%sEOF\n", debugfs, img, script)
+	cmd := exec.CommandContext(ctx, debugfs, "-w", "-f", "-", img)
+	cmd.Stdin = strings.NewReader(script)
+	var stderr bytes.Buffer
+	cmd.Stdout = logFile
+	cmd.Stderr = io.MultiWriter(logFile, &stderr)
+	if err := cmd.Run(); err != nil {
+		return fmt.Errorf("debugfs: %w", err)
+	}
+	for _, line := range strings.Split(strings.TrimSpace(stderr.String()), "\n") {
+		if line != "" && !strings.HasPrefix(line, "debugfs ") {
+			return fmt.Errorf("debugfs could not add the device nodes: %s", line)
+		}
+	}
+	// debugfs writes inodes and directories itself, not through mke2fs's
+	// tested path: a read-only e2fsck (a second or two) proves the result
+	// consistent before anything boots it.
+	e2fsck, err := findTool("e2fsck", "install it with apt-get install e2fsprogs")
+	if err != nil {
+		return err
+	}
+	check := exec.CommandContext(ctx, e2fsck, "-f", "-n", img)
+	check.Stdout, check.Stderr = logFile, logFile
+	fmt.Fprintf(logFile, "+ %s -f -n %s\n", e2fsck, img)
+	if err := check.Run(); err != nil {
+		return fmt.Errorf("e2fsck -f -n after adding the device nodes: %w", err)
+	}
+	return nil
 }
 
 // mmdebstrapArgs builds mmdebstrap's command line. No mirror is given:
@@ -155,6 +296,12 @@ func mmdebstrapArgs(r *Recipe, mode, filesTar, target string) []string {
 		script = append(script, `chroot "$1" systemctl disable `+shellQuoteAll(r.DisableUnits))
 	}
 	script = append(script,
+		// apt gives its download directories to its sandbox user _apt, as
+		// on any Debian system, unless mmdebstrap finds that _apt cannot
+		// read the tree's path (a root build in a 0700 cache directory)
+		// and turns the sandbox off. The same owner whatever the path and
+		// mode, so that a root and a rootless build agree.
+		`if chroot "$1" id -u _apt >/dev/null 2>&1; then for d in /var/cache/apt/archives/partial /var/lib/apt/lists/partial; do if [ -d "$1$d" ]; then chroot "$1" chown _apt:root "$d"; fi; done; fi`,
 		// The host's resolv.conf must not leak into a shared image.
 		`rm -f "$1/etc/resolv.conf"`,
 		// The files may have changed /etc/initramfs-tools.
@@ -193,26 +340,6 @@ func findTool(name, hint string) (string, error) {
 		}
 	}
 	return "", fmt.Errorf("%s not found: %s", name, hint)
-}
-
-var mke2fsVersionRE = regexp.MustCompile(`mke2fs (\d+)\.(\d+)(?:\.(\d+))?`)
-
-// requireTarCapableMke2fs checks that mke2fs can read a tarball with -d
-// (e2fsprogs 1.47.1), which the rootless build depends on.
-func requireTarCapableMke2fs(ctx context.Context, mkfs string) error {
-	out, _ := exec.CommandContext(ctx, mkfs, "-V").CombinedOutput()
-	m := mke2fsVersionRE.FindSubmatch(out)
-	if m == nil {
-		return fmt.Errorf("cannot tell the version of %s (output %q)", mkfs, out)
-	}
-	v := [3]int{}
-	for i := range v {
-		v[i], _ = strconv.Atoi(string(m[i+1]))
-	}
-	if v[0] > 1 || v[0] == 1 && (v[1] > 47 || v[1] == 47 && v[2] >= 1) {
-		return nil
-	}
-	return fmt.Errorf("building an image without root needs mke2fs 1.47.1 or later (tarball input for -d); %s is %d.%d.%d: run the build as root or install a newer e2fsprogs", mkfs, v[0], v[1], v[2])
 }
 
 // runLogged runs a command in its own process group with its output
@@ -264,6 +391,9 @@ func withLogTail(err error, logPath string) error {
 type bootFiles struct {
 	kernelVersion string
 	packages      []Package
+	// From a tarball only: its device nodes and its highest ids.
+	devices        []deviceNode
+	maxUID, maxGID int
 }
 
 const (
@@ -314,6 +444,8 @@ func bootFilesFromTar(tarPath, out string) (*bootFiles, error) {
 		kernels, initrds []string
 		pkgs             []Package
 		sawStatus        bool
+		devices          []deviceNode
+		maxUID, maxGID   int
 	)
 	tr := tar.NewReader(bufio.NewReaderSize(f, 1<<20))
 	for {
@@ -325,6 +457,14 @@ func bootFilesFromTar(tarPath, out string) (*bootFiles, error) {
 			return nil, fmt.Errorf("read %s: %w", tarPath, err)
 		}
 		name := strings.TrimPrefix(hdr.Name, "./")
+		maxUID, maxGID = max(maxUID, hdr.Uid), max(maxGID, hdr.Gid)
+		if hdr.Typeflag == tar.TypeChar || hdr.Typeflag == tar.TypeBlock {
+			devices = append(devices, deviceNode{
+				name: hdr.Name, block: hdr.Typeflag == tar.TypeBlock,
+				major: hdr.Devmajor, minor: hdr.Devminor,
+				perm: hdr.Mode & 0o7777, uid: hdr.Uid, gid: hdr.Gid,
+			})
+		}
 		if hdr.Typeflag != tar.TypeReg {
 			continue
 		}
@@ -353,7 +493,7 @@ func bootFilesFromTar(tarPath, out string) (*bootFiles, error) {
 	if !sawStatus {
 		return nil, fmt.Errorf("%s: no %s in the tree", tarPath, dpkgStatus)
 	}
-	return &bootFiles{kernelVersion: kernels[0], packages: pkgs}, nil
+	return &bootFiles{kernelVersion: kernels[0], packages: pkgs, devices: devices, maxUID: maxUID, maxGID: maxGID}, nil
 }
 
 func copyFile(src, dst string) error {

@@ -129,31 +129,6 @@ func TestBootFilesFromTar(t *testing.T) {
 	assert.ErrorContains(t, err, "no var/lib/dpkg/status")
 }
 
-func TestRequireTarCapableMke2fs(t *testing.T) {
-	tests := []struct {
-		version string
-		ok      bool
-	}{
-		{"mke2fs 1.47.0 (5-Feb-2023)", false},
-		{"mke2fs 1.46.5 (30-Dec-2021)", false},
-		{"mke2fs 1.47.1 (20-May-2024)", true},
-		{"mke2fs 1.47.2 (1-Jan-2025)", true},
-		{"mke2fs 1.48 (1-Jan-2026)", true},
-	}
-	for _, tt := range tests {
-		t.Run(tt.version, func(t *testing.T) {
-			fake := filepath.Join(t.TempDir(), "mkfs.ext4")
-			require.NoError(t, os.WriteFile(fake, []byte("#!/bin/sh\necho '"+tt.version+"' >&2\n"), 0o755))
-			err := requireTarCapableMke2fs(context.Background(), fake)
-			if tt.ok {
-				assert.NoError(t, err)
-			} else {
-				assert.ErrorContains(t, err, "needs mke2fs 1.47.1 or later")
-			}
-		})
-	}
-}
-
 func TestRunLoggedCancelStopsTheCommand(t *testing.T) {
 	logPath := filepath.Join(t.TempDir(), "log")
 	ctx, cancel := context.WithTimeout(context.Background(), 200*time.Millisecond)

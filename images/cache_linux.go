@@ -317,7 +317,17 @@ func removeTree(dir string) error {
 		}
 	}
 	if err := os.RemoveAll(dir); err != nil {
-		return fmt.Errorf("remove %s: %w", dir, err)
+		if os.Geteuid() == 0 {
+			return fmt.Errorf("remove %s: %w", dir, err)
+		}
+		// A rootless build killed while its tree was unpacked leaves
+		// files of subordinate ids, which only its user namespace can
+		// remove.
+		ns, nsErr := newUserNamespace(context.Background())
+		if nsErr != nil {
+			return fmt.Errorf("remove %s: %w", dir, errors.Join(err, nsErr))
+		}
+		return ns.removeAll(dir)
 	}
 	return nil
 }
