@@ -68,8 +68,11 @@ echo "== vmharness run $unit without and with the layer, alternating"
 : >"$work/extract.times"
 for i in $(seq "$runs"); do
   vm plain
+  # As the runner attaches a --build-dir layer; the default image boots
+  # without an initrd, so layer-init applies it before PID 1.
   vm layer --qemu-arg=-drive "--qemu-arg=if=none,id=layer,file=$layer,format=raw,readonly=on" \
-    --qemu-arg=-device --qemu-arg=virtio-blk-pci,drive=layer,serial=vmharness-layer
+    --qemu-arg=-device --qemu-arg=virtio-blk-pci,drive=layer,serial=vmharness-layer \
+    --kernel-arg=init=/usr/lib/vmharness/layer-init
   printf 'run %d: plain %.2fs  with layer %.2fs  (guest extraction %ss)\n' "$i" \
     "$(tail -n1 "$work/plain.times")" "$(tail -n1 "$work/layer.times")" "$(tail -n1 "$work/extract.times")"
 done
