@@ -38,22 +38,30 @@ func (fakeListener) Accept() (net.Conn, error) { return nil, net.ErrClosed }
 func (fakeListener) Close() error              { return nil }
 func (fakeListener) Addr() net.Addr            { return &mdvsock.Addr{ContextID: 2, Port: 9} }
 
-func TestNewMachineArgs(t *testing.T) {
+// machineFixture makes stand-in image files (an initrd included), an
+// empty layer file named layerName and a stand-in QEMU that only answers
+// -cpu help, in one directory; no VM is started from them.
+func machineFixture(t *testing.T, layerName string) (img BootImage, layer, qemu string) {
+	t.Helper()
 	if _, err := exec.LookPath("qemu-img"); err != nil {
 		t.Skip("qemu-img is not installed")
 	}
 	dir := t.TempDir()
-	img := BootImage{Kernel: filepath.Join(dir, "vmlinuz"), Initrd: filepath.Join(dir, "initrd.img"), Rootfs: filepath.Join(dir, "rootfs.img"), RootfsFormat: "raw"}
+	img = BootImage{Kernel: filepath.Join(dir, "vmlinuz"), Initrd: filepath.Join(dir, "initrd.img"), Rootfs: filepath.Join(dir, "rootfs.img"), RootfsFormat: "raw"}
 	for _, f := range []string{img.Kernel, img.Initrd} {
 		require.NoError(t, os.WriteFile(f, []byte("x"), 0o644))
 	}
 	require.NoError(t, os.WriteFile(img.Rootfs, make([]byte, 1<<20), 0o444))
-	work := t.TempDir()
-	layer := filepath.Join(dir, "layer,1.cpio")
+	layer = filepath.Join(dir, layerName)
 	require.NoError(t, os.WriteFile(layer, nil, 0o644))
-	// A stand-in QEMU that only answers -cpu help; the VM is not started.
-	qemu := filepath.Join(dir, "qemu-system-x86_64")
+	qemu = filepath.Join(dir, "qemu-system-x86_64")
 	require.NoError(t, os.WriteFile(qemu, []byte("#!/bin/sh\nprintf 'Recognized CPUID flags:\\n  erms fsrm sse2\\n'\n"), 0o755))
+	return img, layer, qemu
+}
+
+func TestNewMachineArgs(t *testing.T) {
+	img, layer, qemu := machineFixture(t, "layer,1.cpio")
+	work := t.TempDir()
 
 	tests := []struct {
 		name     string
@@ -149,19 +157,8 @@ func TestCPUStarvationOfThisProcess(t *testing.T) {
 }
 
 func TestNewMachineBootModes(t *testing.T) {
-	if _, err := exec.LookPath("qemu-img"); err != nil {
-		t.Skip("qemu-img is not installed")
-	}
-	dir := t.TempDir()
-	kernel, initrd, rootfs := filepath.Join(dir, "vmlinuz"), filepath.Join(dir, "initrd.img"), filepath.Join(dir, "rootfs.img")
-	for _, f := range []string{kernel, initrd} {
-		require.NoError(t, os.WriteFile(f, []byte("x"), 0o644))
-	}
-	require.NoError(t, os.WriteFile(rootfs, make([]byte, 1<<20), 0o444))
-	layer := filepath.Join(dir, "layer.cpio")
-	require.NoError(t, os.WriteFile(layer, nil, 0o644))
-	qemu := filepath.Join(dir, "qemu-system-x86_64")
-	require.NoError(t, os.WriteFile(qemu, []byte("#!/bin/sh\nprintf 'Recognized CPUID flags:\\n  erms fsrm sse2\\n'\n"), 0o755))
+	files, layer, qemu := machineFixture(t, "layer.cpio")
+	kernel, initrd, rootfs := files.Kernel, files.Initrd, files.Rootfs
 
 	tests := []struct {
 		name        string
