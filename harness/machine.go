@@ -41,11 +41,6 @@ type BootImage struct {
 	RootCmdline string
 }
 
-// LayerInit is the image's PID 1 wrapper that applies a build-tree layer
-// when the image boots without an initrd (images/default's
-// usr/lib/vmharness/layer-init); with an initrd, the initrd applies it.
-const LayerInit = "/usr/lib/vmharness/layer-init"
-
 // rootDiskDevice is QEMU's -device value for the root disk, so that the
 // guest sees it as rootDevice.
 func rootDiskDevice(rootDevice string) (string, error) {
@@ -101,8 +96,10 @@ type Config struct {
 	// FullShutdown lets the guest shut down by itself after the test
 	// instead of stopping the VM as soon as the outcome is decided.
 	FullShutdown bool
-	// Layer, if set, is a build-tree layer archive (images/layer) the
-	// guest's initrd unpacks over the root file system before PID 1.
+	// Layer, if set, is a build-tree layer (images/layer): a qcow2 image
+	// over Image.Rootfs that holds the base with the project's installed
+	// files written in. The run's overlay is made over it instead of over
+	// the base, so the files are there before the kernel mounts the root.
 	Layer string
 	// Env is set in the test unit's environment; Disks are extra empty
 	// disks made in WorkDir; Firmware is linux (the default), uefi or
@@ -254,7 +251,7 @@ func NewMachine(ctx context.Context, cfg Config) (*Machine, error) {
 		}
 	}()
 	notifyAddr := fmt.Sprintf("vsock-stream:%d:%d", vsock.HostCID, notifyPort)
-	guest := verdict.GuestSetup{Unit: cfg.Unit.Name, NotifyAddress: notifyAddr, KeepOnFailure: cfg.KeepOnFailure != nil, RequireLayer: cfg.Layer != ""}
+	guest := verdict.GuestSetup{Unit: cfg.Unit.Name, NotifyAddress: notifyAddr, KeepOnFailure: cfg.KeepOnFailure != nil}
 	m.verdict = verdict.New(verdict.Config{KeepOnFailure: guest.KeepOnFailure, TestNotStarted: cfg.SkipTestUnit, FullShutdown: cfg.FullShutdown, Exclude: cfg.Exclude})
 	creds := testUnitCredentials(cfg.Unit, guest)
 	creds = devs.guestCredentials(creds, cfg.Unit.Name)
@@ -273,7 +270,7 @@ func NewMachine(ctx context.Context, cfg Config) (*Machine, error) {
 		}
 	}
 	m.overlay = filepath.Join(cfg.WorkDir, "overlay.qcow2")
-	if err := createOverlay(ctx, m.overlay, cfg.Image); err != nil {
+	if err := createOverlay(ctx, m.overlay, cfg.Image, cfg.Layer); err != nil {
 		return nil, err
 	}
 	if err := devs.create(ctx, cfg.WorkDir); err != nil {
@@ -295,17 +292,19 @@ func NewMachine(ctx context.Context, cfg Config) (*Machine, error) {
 // never called; Run releases it itself.
 func (m *Machine) Close() error { return m.notifyL.Close() }
 
-// createOverlay makes the per-run copy-on-write disk. The backing file is
-// referenced by absolute path and opened read-only by QEMU, so the cached
-// image is shared by every run and never written.
-func createOverlay(ctx context.Context, overlay string, img BootImage) error {
-	backing, err := filepath.Abs(img.Rootfs)
+// createOverlay makes the per-run copy-on-write disk, over the build-tree
+// layer if there is one (itself over the image), else over the image. The
+// backing file is referenced by absolute path and opened read-only by
+// QEMU, so the cached image and layers are shared by every run and never
+// written.
+func createOverlay(ctx context.Context, overlay string, img BootImage, layer string) error {
+	backing, format := img.Rootfs, cmp.Or(img.RootfsFormat, "raw")
+	if layer != "" {
+		backing, format = layer, "qcow2"
+	}
+	backing, err := filepath.Abs(backing)
 	if err != nil {
 		return err
-	}
-	format := img.RootfsFormat
-	if format == "" {
-		format = "raw"
 	}
 	cmd := exec.CommandContext(ctx, "qemu-img", "create", "-q", "-f", "qcow2", "-b", backing, "-F", format, overlay)
 	out, err := cmd.CombinedOutput()
@@ -334,9 +333,6 @@ func (m *Machine) KernelCommandLine() string {
 		"systemd.mask=systemd-networkd-wait-online.service",
 		"systemd.journald.forward_to_console=0",
 		"systemd.firstboot=off",
-	}
-	if cfg.Layer != "" && cfg.Image.Initrd == "" {
-		args = append(args, "init="+LayerInit)
 	}
 	if cfg.SkipTestUnit {
 		args = append(args, "systemd.unit=multi-user.target")
@@ -386,12 +382,6 @@ func (m *Machine) qemuArgs(smbiosArgs []string) []string {
 	}
 	if cfg.Image.Initrd != "" {
 		args = append(args, "-initrd", cfg.Image.Initrd)
-	}
-	if cfg.Layer != "" {
-		// The initrd finds the layer by this serial (images/layer).
-		args = append(args,
-			"-drive", "if=none,id=layer,file="+QEMUOptionValue(cfg.Layer)+",format=raw,readonly=on",
-			"-device", "virtio-blk-pci,drive=layer,serial=vmharness-layer")
 	}
 	args = append(args, m.devices.qemuArgs()...)
 	args = append(args, cfg.Transport.QEMUArgs()...)

@@ -38,9 +38,10 @@ func (fakeListener) Accept() (net.Conn, error) { return nil, net.ErrClosed }
 func (fakeListener) Close() error              { return nil }
 func (fakeListener) Addr() net.Addr            { return &mdvsock.Addr{ContextID: 2, Port: 9} }
 
-// machineFixture makes stand-in image files (an initrd included), an
-// empty layer file named layerName and a stand-in QEMU that only answers
-// -cpu help, in one directory; no VM is started from them.
+// machineFixture makes stand-in image files (an initrd included), a layer
+// named layerName (a qcow2 image over the root file system, as
+// images/layer makes) and a stand-in QEMU that only answers -cpu help, in
+// one directory; no VM is started from them.
 func machineFixture(t *testing.T, layerName string) (img BootImage, layer, qemu string) {
 	t.Helper()
 	if _, err := exec.LookPath("qemu-img"); err != nil {
@@ -53,14 +54,15 @@ func machineFixture(t *testing.T, layerName string) (img BootImage, layer, qemu 
 	}
 	require.NoError(t, os.WriteFile(img.Rootfs, make([]byte, 1<<20), 0o444))
 	layer = filepath.Join(dir, layerName)
-	require.NoError(t, os.WriteFile(layer, nil, 0o644))
+	out, err := exec.Command("qemu-img", "create", "-q", "-f", "qcow2", "-b", img.Rootfs, "-F", "raw", layer).CombinedOutput()
+	require.NoError(t, err, "%s", out)
 	qemu = filepath.Join(dir, "qemu-system-x86_64")
 	require.NoError(t, os.WriteFile(qemu, []byte("#!/bin/sh\nprintf 'Recognized CPUID flags:\\n  erms fsrm sse2\\n'\n"), 0o755))
 	return img, layer, qemu
 }
 
 func TestNewMachineArgs(t *testing.T) {
-	img, layer, qemu := machineFixture(t, "layer,1.cpio")
+	img, layer, qemu := machineFixture(t, "layer,1.qcow2")
 	work := t.TempDir()
 
 	tests := []struct {
@@ -103,16 +105,17 @@ func TestNewMachineArgs(t *testing.T) {
 			assert.NotContains(t, args, "hunter2", "credential values must not be on QEMU's command line")
 			assert.Contains(t, args, filepath.Join(work, "overlay.qcow2"))
 			assert.Contains(t, args, "path="+strings.ReplaceAll(filepath.Join(work, "console,log"), ",", ",,")+" ", "paths in QEMU option lists are comma-escaped")
-			assert.Contains(t, args, "-device virtio-blk-pci,drive=layer,serial=vmharness-layer")
-			assert.Contains(t, args, "file="+strings.ReplaceAll(layer, ",", ",,")+",format=raw,readonly=on")
+			assert.NotContains(t, args, "layer", "the layer is in the root disk's backing chain, not a device")
 			smbios, err := os.ReadFile(filepath.Join(work, "credential-006.smbios"))
 			require.NoError(t, err)
 			assert.Equal(t, "io.systemd.credential.binary:vmm.notify_socket="+base64.StdEncoding.EncodeToString([]byte("vsock-stream:2:9")), string(smbios), "the Machine owns the notify socket and tells the guest")
 
-			// The overlay is backed by the image, which stays untouched.
-			out, err := exec.Command("qemu-img", "info", "-U", filepath.Join(work, "overlay.qcow2")).CombinedOutput()
+			// The overlay is backed by the layer, the layer by the image;
+			// both stay untouched.
+			out, err := exec.Command("qemu-img", "info", "-U", "--backing-chain", filepath.Join(work, "overlay.qcow2")).CombinedOutput()
 			require.NoError(t, err, "%s", out)
-			assert.Contains(t, string(out), "backing file: "+img.Rootfs)
+			assert.Contains(t, string(out), "backing file: "+layer+"\nbacking file format: qcow2")
+			assert.Contains(t, string(out), "backing file: "+img.Rootfs+"\nbacking file format: raw")
 		})
 	}
 }
@@ -157,7 +160,7 @@ func TestCPUStarvationOfThisProcess(t *testing.T) {
 }
 
 func TestNewMachineBootModes(t *testing.T) {
-	files, layer, qemu := machineFixture(t, "layer.cpio")
+	files, layer, qemu := machineFixture(t, "layer.qcow2")
 	kernel, initrd, rootfs := files.Kernel, files.Initrd, files.Rootfs
 
 	tests := []struct {
@@ -182,16 +185,18 @@ func TestNewMachineBootModes(t *testing.T) {
 			notArgs:     []string{"-initrd"},
 			wantCmdline: []string{"root=/dev/nvme0n1 rootwait rw"},
 			notCmdline:  []string{"init=", "root=/dev/vda"}},
-		{name: "direct boot with a layer: layer-init applies it before PID 1",
+		{name: "direct boot with a layer: the same boot, the layer is in the root disk",
 			img:         BootImage{RootDevice: "/dev/nvme0n1", RootCmdline: "root=/dev/nvme0n1 rw"},
 			layer:       layer,
-			wantArgs:    []string{"serial=vmharness-layer"},
-			notArgs:     []string{"-initrd"},
-			wantCmdline: []string{"init=" + LayerInit}},
-		{name: "NVMe root through the initrd: the initrd applies the layer",
+			wantArgs:    []string{"-device nvme,drive=root,serial=vmharness-root "},
+			notArgs:     []string{"-initrd", "vmharness-layer"},
+			wantCmdline: []string{"root=/dev/nvme0n1 rw"},
+			notCmdline:  []string{"init="}},
+		{name: "NVMe root through the initrd, with a layer",
 			img:        BootImage{Initrd: initrd, RootDevice: "/dev/nvme0n1", RootCmdline: "root=/dev/nvme0n1 rw"},
 			layer:      layer,
 			wantArgs:   []string{"-initrd " + initrd},
+			notArgs:    []string{"vmharness-layer"},
 			notCmdline: []string{"init="}},
 		{name: "a root device on no bus the harness has",
 			img:     BootImage{RootDevice: "/dev/sda"},

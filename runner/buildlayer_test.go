@@ -11,6 +11,8 @@ import (
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+
+	"github.com/vmharness/vmharness/harness"
 )
 
 func TestPrepareBuildLayer(t *testing.T) {
@@ -29,7 +31,12 @@ func TestPrepareBuildLayer(t *testing.T) {
 	var log []string
 	logf := func(format string, args ...any) { log = append(log, fmt.Sprintf(format, args...)) }
 
-	path, release, err := prepareBuildLayer(context.Background(), env, build, logf)
+	// A small base file system, as the image's rootfs.img is.
+	img := harness.BootImage{Rootfs: filepath.Join(t.TempDir(), "rootfs.img"), RootfsFormat: "raw"}
+	out, err = exec.Command("mkfs.ext4", "-q", img.Rootfs, "16M").CombinedOutput()
+	require.NoError(t, err, "%s", out)
+
+	path, release, err := prepareBuildLayer(context.Background(), env, img, build, logf)
 	require.NoError(t, err)
 	defer release()
 	assert.Equal(t, filepath.Join(cache, "layers"), filepath.Dir(path), "layers live in the image cache")
@@ -37,7 +44,11 @@ func TestPrepareBuildLayer(t *testing.T) {
 	require.Len(t, log, 1)
 	assert.Contains(t, log[0], "built: 1 files")
 
-	_, _, err = prepareBuildLayer(context.Background(), env, src, logf)
+	_, _, err = prepareBuildLayer(context.Background(), env, img, src, logf)
 	require.Error(t, err)
 	assert.Equal(t, "--build-dir: "+src+" is not a Meson build directory (no meson-private/coredata.dat); run meson setup first", err.Error())
+
+	_, _, err = prepareBuildLayer(context.Background(), env, harness.BootImage{Rootfs: img.Rootfs, RootfsFormat: "qcow2"}, build, logf)
+	require.Error(t, err)
+	assert.Equal(t, "--build-dir: the image's root file system is qcow2; a layer goes over a raw image only", err.Error())
 }

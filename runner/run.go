@@ -88,7 +88,7 @@ func (r *testRun) run(ctx context.Context) int {
 	defer releaseImage()
 	var layer string
 	if opts.buildDir != "" {
-		path, releaseLayer, err := prepareBuildLayer(ctx, r.env, opts.buildDir, r.logf)
+		path, releaseLayer, err := prepareBuildLayer(ctx, r.env, img, opts.buildDir, r.logf)
 		if err != nil {
 			return r.fail("%v", err)
 		}

@@ -1,8 +1,9 @@
 // Command layerbench times making a build-tree layer (images/layer.Build)
 // from a Meson build directory: cold (empty cache: meson install, scan,
-// hash, write) and warm (the layer is cached: meson install, scan, hash),
+// hash, bake the layer image over the base) and warm (the layer is cached:
+// meson install, scan, hash),
 // alternating, and prints each run, the medians and the time per MB.
-// bench/layer.sh runs it; it prints the layer's path last, for the VM part.
+// bench/layer.sh runs it.
 package main
 
 import (
@@ -21,10 +22,11 @@ import (
 
 func main() {
 	buildDir := flag.String("build-dir", "", "Meson build directory")
+	base := flag.String("base", "", "the image's rootfs.img the layer goes over")
 	work := flag.String("work", "", "directory for the caches the runs use")
 	runs := flag.Int("runs", 3, "cold and warm builds to time")
 	flag.Parse()
-	if err := run(*buildDir, *work, *runs); err != nil {
+	if err := run(*buildDir, *base, *work, *runs); err != nil {
 		fmt.Fprintln(os.Stderr, "layerbench:", err)
 		os.Exit(1)
 	}
@@ -33,9 +35,9 @@ func main() {
 // mbRE pulls the installed size out of Build's log line.
 var mbRE = regexp.MustCompile(`, ([0-9.]+) MB from `)
 
-func run(buildDir, work string, runs int) error {
-	if buildDir == "" || work == "" {
-		return fmt.Errorf("usage: layerbench -build-dir DIR -work DIR [-runs N]")
+func run(buildDir, base, work string, runs int) error {
+	if buildDir == "" || base == "" || work == "" {
+		return fmt.Errorf("usage: layerbench -build-dir DIR -base ROOTFS -work DIR [-runs N]")
 	}
 	var cold, warm []float64
 	var mb float64
@@ -46,7 +48,7 @@ func run(buildDir, work string, runs int) error {
 			var line string
 			logf := func(format string, args ...any) { line = fmt.Sprintf(format, args...) }
 			start := time.Now()
-			p, release, err := layer.Build(context.Background(), layer.Options{BuildDir: buildDir, CacheDir: cache, Logf: logf})
+			p, release, err := layer.Build(context.Background(), layer.Options{BuildDir: buildDir, Base: base, CacheDir: cache, Logf: logf})
 			if err != nil {
 				return err
 			}

@@ -69,10 +69,6 @@ type GuestSetup struct {
 	// KeepOnFailure replaces the failure action by "none", so a failed
 	// test's VM stays up; its result still reaches the host.
 	KeepOnFailure bool
-	// RequireLayer: a build-tree layer is attached, and the test must not
-	// run on the base image should the boot not have applied it (an
-	// image without vmharness's layer scripts, say).
-	RequireLayer bool
 }
 
 // JournalMarkerIdentifier is the SYSLOG_IDENTIFIER of the journal entry
@@ -80,11 +76,6 @@ type GuestSetup struct {
 // it reports its result: once the host has that entry, it has the test's
 // whole journal.
 const JournalMarkerIdentifier = "vmharness-journal-marker"
-
-// LayerMarker is the file the boot writes once it applied a build-tree
-// layer (images/default's usr/lib/vmharness/apply-layer, run by the
-// initrd or by layer-init).
-const LayerMarker = "/run/vmharness-layer"
 
 // waitForCoredumps waits until no process is dumping core, 3 minutes at
 // most (900 times 0.2 s): under TCG a small process's dump takes 5-10 s.
@@ -134,9 +125,6 @@ func (g GuestSetup) units() []guestUnit {
 	// service is only ordered after it), so sockets.target and with it
 	// systemd-ssh-generator's sshd-vsock.socket would never start.
 	dropin := []*unit.UnitOption{unit.NewUnitOption("Unit", "Wants", "basic.target "+ConditionCheckUnit)}
-	if g.RequireLayer {
-		dropin = append(dropin, unit.NewUnitOption("Unit", "AssertPathExists", LayerMarker))
-	}
 	dropin = append(dropin,
 		unit.NewUnitOption("Unit", "SuccessAction", "exit"),
 		unit.NewUnitOption("Unit", "SuccessActionExitStatus", strconv.Itoa(GuestStatusPass)),

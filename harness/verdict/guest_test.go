@@ -57,9 +57,6 @@ func TestGuestSetupFiles(t *testing.T) {
 	assert.NotContains(t, kept, "FailureAction=exit")
 	assert.Contains(t, kept, `X_VMHARNESS_TEST_RESULT="$$SERVICE_RESULT"`)
 	assert.NotContains(t, dropin, "AssertPathExists")
-
-	layered := byName(GuestSetup{Unit: "t.service", NotifyAddress: "vsock-stream:2:9", RequireLayer: true}.Files())["systemd.unit-dropin.t.service"]
-	assert.Contains(t, layered, "\nAssertPathExists=/run/vmharness-layer\n", "a test of the project's build never runs on the base alone")
 }
 
 // TestGuestUnitsReadBack reads every guest file back as systemd does:
@@ -68,7 +65,7 @@ func TestGuestSetupFiles(t *testing.T) {
 func TestGuestUnitsReadBack(t *testing.T) {
 	for _, g := range []GuestSetup{
 		{Unit: "t.service", NotifyAddress: "vsock-stream:2:9"},
-		{Unit: "t@x.service", NotifyAddress: "vsock-stream:2:1234", KeepOnFailure: true, RequireLayer: true},
+		{Unit: "t@x.service", NotifyAddress: "vsock-stream:2:1234", KeepOnFailure: true},
 	} {
 		for _, u := range g.units() {
 			lines, err := unitfile.Read([]byte(unitfile.Serialize(u.options)))

@@ -390,13 +390,6 @@ func (v *Verdict) fromUnitResult(u UnitResult, source string) Outcome {
 }
 
 func (v *Verdict) withoutUnitResult() Outcome {
-	if q := v.qemu; q != nil {
-		// The boot (initrd or layer-init) stops the boot when it cannot apply the build-tree
-		// layer, rather than boot the base image instead.
-		if line := findLine(q.ConsoleTail, "vmharness-layer: "); line != "" {
-			return fail("the build-tree layer could not be applied: " + line)
-		}
-	}
 	if v.stopped != nil {
 		return v.stopReason()
 	}
@@ -482,16 +475,6 @@ func disagree(report, journal UnitResult) bool {
 	}
 	// For a signal the journal has its number and $EXIT_STATUS its name.
 	return journal.ExitCode == "exited" && journal.ExitStatus != report.ExitStatus
-}
-
-// findLine returns the first line holding marker, from the marker on.
-func findLine(lines []string, marker string) string {
-	for _, l := range lines {
-		if i := strings.Index(l, marker); i >= 0 && strings.Contains(l, "not applied") {
-			return strings.TrimSpace(l[i:])
-		}
-	}
-	return ""
 }
 
 func findPanic(lines []string) string {

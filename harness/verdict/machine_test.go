@@ -318,14 +318,6 @@ func TestOutcome(t *testing.T) {
 			wantReason: "VM powered off before the test finished",
 		},
 		{
-			name: "the initrd could not apply the build-tree layer",
-			events: []Event{QEMUExited{ConsoleTail: []string{
-				"[    3.2] vmharness-layer: extracting /dev/vdb onto /root failed (cpio exit 0): x; the build-tree layer was not applied, stopping the boot",
-				"[    3.3] reboot: Power down"}}},
-			wantCode:   ExitFail,
-			wantReason: "the build-tree layer could not be applied: vmharness-layer: extracting /dev/vdb onto /root failed",
-		},
-		{
 			name:       "kernel panic on the console",
 			events:     []Event{booted, QEMUExited{Status: 1, ConsoleTail: []string{"[ 9.1] Kernel panic - not syncing: sysrq triggered crash"}}},
 			wantCode:   ExitFail,

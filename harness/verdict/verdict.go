@@ -126,7 +126,7 @@ func (u UnitResult) outcome() Outcome {
 	case ResultCondition:
 		return skip("test skipped: a condition of its unit was not met")
 	case ResultAssert:
-		return fail("test did not run: an assertion of its unit failed (with --build-dir, also the check that the boot applied the build-tree layer: " + LayerMarker + ")")
+		return fail("test did not run: an assertion of its unit failed")
 	case ResultNotStarted:
 		return fail("test did not run: its start job failed before the unit started (a unit it requires failed?)")
 	case "timeout":

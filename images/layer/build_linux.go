@@ -17,10 +17,14 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// Options says which build directory to install and where the cache is.
+// Options says which build directory to install, over which base image,
+// and where the cache is.
 type Options struct {
 	// BuildDir is the Meson build directory (after meson setup and a build).
 	BuildDir string
+	// Base is the root file system the layer goes over: a cached image's
+	// raw ext4 rootfs.img, which is only ever read.
+	Base string
 	// CacheDir is the vmharness cache directory; layers go to its layers/.
 	CacheDir string
 	// Logf receives progress lines; nil discards them.
@@ -32,8 +36,8 @@ const (
 	layersDir      = "layers"
 	stagePrefix    = ".stage-"     // a run's meson install --destdir, flocked while in use
 	newStagePrefix = ".new-stage-" // a staging directory not yet locked
-	tmpPrefix      = ".tmp-"       // .tmp-<key>-<random>: a layer being written
-	layerExt       = ".cpio"
+	tmpPrefix      = ".tmp-"       // .tmp-<key>-<random>/: a layer being written
+	layerExt       = ".qcow2"
 	lockExt        = ".lock"
 )
 
@@ -42,8 +46,9 @@ const (
 const mesonTailLines = 10
 
 // Build installs the build directory into a private staging directory,
-// turns the installed tree into a layer and returns the layer's path in
-// the cache. A layer with the same contents is reused, not rewritten.
+// turns the installed tree into a layer over o.Base and returns the
+// layer's path in the cache, a qcow2 image backed by o.Base. A layer of
+// the same tree over the same base is reused, not rewritten.
 // The layer is held against Prune until release is called; the caller
 // must call it once the VM that uses the layer has exited.
 func Build(ctx context.Context, o Options) (path string, release func(), err error) {
@@ -52,6 +57,10 @@ func Build(ctx context.Context, o Options) (path string, release func(), err err
 		logf = func(string, ...any) {}
 	}
 	buildDir, err := checkBuildDir(o.BuildDir)
+	if err != nil {
+		return "", nil, err
+	}
+	baseID, err := baseIdentity(o.Base)
 	if err != nil {
 		return "", nil, err
 	}
@@ -77,17 +86,20 @@ func Build(ctx context.Context, o Options) (path string, release func(), err err
 	if len(t.entries) == 0 {
 		return "", nil, fmt.Errorf("build directory %s: meson install installed nothing (does anything in the project have install: true?)", buildDir)
 	}
-	// The key is the hash of the archive itself: a pass that writes
-	// nowhere costs a read of the (page-cached) tree and spares a run
-	// whose layer is cached any writing.
+	// The key is the hash of the tree's canonical archive (every byte of
+	// every file, names, modes, links; owners and times fixed) and of the
+	// base image's identity: a pass that writes nowhere costs a read of
+	// the (page-cached) tree and spares a run whose layer is cached any
+	// writing.
 	h := sha256.New()
 	if _, err := writeArchive(h, t.entries); err != nil {
 		return "", nil, fmt.Errorf("build directory %s: %w", buildDir, err)
 	}
+	fmt.Fprintf(h, "\x00base %s", baseID)
 	key := hex.EncodeToString(h.Sum(nil))
 	installed := time.Since(start)
 
-	l := layerPaths{dir: dir, key: key}
+	l := layerPaths{dir: dir, key: key, base: o.Base}
 	built, release, err := l.acquire(ctx, logf, t)
 	if err != nil {
 		return "", nil, err
@@ -100,6 +112,27 @@ func Build(ctx context.Context, o Options) (path string, release func(), err err
 		key[:16], verb, t.files, float64(t.bytes)/1e6, buildDir,
 		installed.Round(time.Millisecond), time.Since(start).Round(time.Millisecond))
 	return l.layer(), release, nil
+}
+
+// baseIdentity names the base image file so that a layer is reused only
+// over the very file it was made from: an image rebuilt under the same
+// name (after a prune) is another file, with other blocks.
+func baseIdentity(base string) (string, error) {
+	if base == "" {
+		return "", errors.New("no base image given for the layer")
+	}
+	abs, err := filepath.Abs(base)
+	if err != nil {
+		return "", err
+	}
+	var st unix.Stat_t
+	if err := unix.Stat(abs, &st); err != nil {
+		return "", fmt.Errorf("base image for the layer: %w", &fs.PathError{Op: "stat", Path: abs, Err: err})
+	}
+	if st.Mode&unix.S_IFMT != unix.S_IFREG {
+		return "", fmt.Errorf("base image for the layer %s is not a regular file", abs)
+	}
+	return fmt.Sprintf("%s dev=%d ino=%d size=%d mtime=%d.%09d", abs, st.Dev, st.Ino, st.Size, st.Mtim.Sec, st.Mtim.Nsec), nil
 }
 
 // checkBuildDir returns dir made absolute if it is a configured Meson

@@ -58,7 +58,7 @@ func TestBuildNotABuildDir(t *testing.T) {
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			dir := tt.dir(t)
-			_, _, err := Build(context.Background(), Options{BuildDir: dir, CacheDir: cache})
+			_, _, err := Build(context.Background(), Options{BuildDir: dir, Base: testBase(t), CacheDir: cache})
 			require.Error(t, err)
 			assert.Contains(t, err.Error(), dir)
 			assert.Contains(t, err.Error(), tt.want)
@@ -78,7 +78,7 @@ func TestBuildMesonInstallFails(t *testing.T) {
 		"hello.sh":    "#!/bin/sh\n", "hello.service": "", "fail.sh": script.String(),
 	})
 	cache := t.TempDir()
-	_, _, err := Build(context.Background(), Options{BuildDir: build, CacheDir: cache})
+	_, _, err := Build(context.Background(), Options{BuildDir: build, Base: testBase(t), CacheDir: cache})
 	require.Error(t, err)
 	msg := err.Error()
 	t.Log(msg)
@@ -91,7 +91,7 @@ func TestBuildMesonInstallFails(t *testing.T) {
 
 func TestBuildInstallsNothing(t *testing.T) {
 	build := mesonProject(t, map[string]string{"meson.build": "project('empty')\n"})
-	_, _, err := Build(context.Background(), Options{BuildDir: build, CacheDir: t.TempDir()})
+	_, _, err := Build(context.Background(), Options{BuildDir: build, Base: testBase(t), CacheDir: t.TempDir()})
 	require.Error(t, err)
 	assert.Contains(t, err.Error(), "meson install installed nothing")
 }
@@ -101,7 +101,7 @@ func TestBuildRefusesWhatALayerCannotHold(t *testing.T) {
 		"meson.build": "project('p')\ninstall_data('x.conf', install_dir: '/run/p')\n",
 		"x.conf":      "x",
 	})
-	_, _, err := Build(context.Background(), Options{BuildDir: build, CacheDir: t.TempDir()})
+	_, _, err := Build(context.Background(), Options{BuildDir: build, Base: testBase(t), CacheDir: t.TempDir()})
 	require.Error(t, err)
 	assert.Contains(t, err.Error(), "build directory "+build+": the install tree has /run, but /run is a tmpfs in the guest")
 }
@@ -110,13 +110,13 @@ func TestBuildCaches(t *testing.T) {
 	build := helloBuild(t)
 	cache := t.TempDir()
 	var log logLines
-	o := Options{BuildDir: build, CacheDir: cache, Logf: log.logf}
+	o := Options{BuildDir: build, Base: testBase(t), CacheDir: cache, Logf: log.logf}
 
 	path, release, err := Build(context.Background(), o)
 	require.NoError(t, err)
 	release()
 	assert.Equal(t, filepath.Join(cache, "layers"), filepath.Dir(path))
-	assert.Regexp(t, `^[0-9a-f]{64}\.cpio$`, filepath.Base(path))
+	assert.Regexp(t, `^[0-9a-f]{64}\.qcow2$`, filepath.Base(path))
 	first, err := os.Stat(path)
 	require.NoError(t, err)
 	assert.Equal(t, os.FileMode(0o444), first.Mode().Perm())
@@ -131,12 +131,19 @@ func TestBuildCaches(t *testing.T) {
 	assert.Equal(t, 1, log.count(" built: "), "%q", log.lines)
 	assert.Equal(t, 1, log.count(" reused: "), "%q", log.lines)
 
-	hs := readArchive(t, mustRead(t, path))
-	var names []string
-	for _, h := range hs {
-		names = append(names, h.name)
-	}
-	assert.Equal(t, []string{"usr/bin/hello.sh", "usr/lib/systemd/system/hello.service", trailerName}, names)
+	img := openImage(t, path)
+	img.fsck()
+	assert.Equal(t, "#!/bin/sh\necho hello\n", img.cat("/usr/bin/hello.sh"))
+	assert.Equal(t, "[Service]\nExecStart=/usr/bin/hello.sh\n", img.cat("/usr/lib/systemd/system/hello.service"))
+
+	// Over another base image (a rebuilt one, say) the same tree is
+	// another layer.
+	otherBase := filepath.Join(t.TempDir(), "rootfs.img")
+	require.NoError(t, sparseCopy(o.Base, otherBase))
+	other, release, err := Build(context.Background(), Options{BuildDir: build, Base: otherBase, CacheDir: cache})
+	require.NoError(t, err)
+	release()
+	assert.NotEqual(t, path, other)
 
 	// A changed build gives another layer; the first stays until pruned.
 	writeFile(t, filepath.Join(filepath.Dir(build), "hello.sh"), "#!/bin/sh\necho changed\n", 0o755)
@@ -174,7 +181,7 @@ func TestBuildParallelGoroutines(t *testing.T) {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			p, release, err := Build(context.Background(), Options{BuildDir: build, CacheDir: cache, Logf: logf})
+			p, release, err := Build(context.Background(), Options{BuildDir: build, Base: testBase(t), CacheDir: cache, Logf: logf})
 			if assert.NoError(t, err) {
 				paths[i] = p
 				release()
@@ -196,6 +203,7 @@ func TestBuildParallelGoroutines(t *testing.T) {
 func TestBuildParallelProcesses(t *testing.T) {
 	build := helloBuild(t)
 	cache := t.TempDir()
+	base := testBase(t) // one base for all: the layer key names it
 	const n = 3
 	outs := make([]string, n)
 	var wg sync.WaitGroup
@@ -204,7 +212,7 @@ func TestBuildParallelProcesses(t *testing.T) {
 		go func() {
 			defer wg.Done()
 			cmd := exec.Command(os.Args[0], "-test.run=^TestHelperBuildProcess$")
-			cmd.Env = append(os.Environ(), "LAYER_HELPER_BUILD="+build, "LAYER_HELPER_CACHE="+cache)
+			cmd.Env = append(os.Environ(), "LAYER_HELPER_BUILD="+build, "LAYER_HELPER_CACHE="+cache, "LAYER_HELPER_BASE="+base)
 			out, err := cmd.CombinedOutput()
 			outs[i] = string(out)
 			assert.NoError(t, err, "%s", out)
@@ -214,7 +222,7 @@ func TestBuildParallelProcesses(t *testing.T) {
 	all := strings.Join(outs, "\n")
 	assert.Equal(t, 1, strings.Count(all, " built: "), all)
 	assert.Equal(t, n-1, strings.Count(all, " reused: "), all)
-	layers, _ := filepath.Glob(filepath.Join(cache, "layers", "*.cpio"))
+	layers, _ := filepath.Glob(filepath.Join(cache, "layers", "*.qcow2"))
 	assert.Len(t, layers, 1)
 }
 
@@ -224,7 +232,7 @@ func TestHelperBuildProcess(t *testing.T) {
 		t.Skip("helper for TestBuildParallelProcesses")
 	}
 	logf := func(format string, args ...any) { fmt.Printf(format+"\n", args...) }
-	_, release, err := Build(context.Background(), Options{BuildDir: build, CacheDir: os.Getenv("LAYER_HELPER_CACHE"), Logf: logf})
+	_, release, err := Build(context.Background(), Options{BuildDir: build, Base: os.Getenv("LAYER_HELPER_BASE"), CacheDir: os.Getenv("LAYER_HELPER_CACHE"), Logf: logf})
 	require.NoError(t, err)
 	release()
 }
@@ -233,7 +241,26 @@ func TestBuildCancelled(t *testing.T) {
 	build := helloBuild(t)
 	ctx, cancel := context.WithCancel(context.Background())
 	cancel()
-	_, _, err := Build(ctx, Options{BuildDir: build, CacheDir: t.TempDir()})
+	_, _, err := Build(ctx, Options{BuildDir: build, Base: testBase(t), CacheDir: t.TempDir()})
 	require.Error(t, err)
 	assert.ErrorIs(t, err, context.Canceled)
+}
+
+// TestBuildLeavesNothingOnFailure: a tree that cannot go over the base
+// fails before anything is published, and its scratch copy is gone.
+func TestBuildLeavesNothingOnFailure(t *testing.T) {
+	build := mesonProject(t, map[string]string{
+		"meson.build": "project('clash')\ninstall_data('hostname', install_dir: '/etc/hostname')\n",
+		"hostname":    "x",
+	})
+	cache := t.TempDir()
+	_, _, err := Build(context.Background(), Options{BuildDir: build, Base: testBase(t), CacheDir: cache})
+	require.Error(t, err)
+	assert.Contains(t, err.Error(), "the install tree has /etc/hostname/hostname, but /etc/hostname is a regular file in the base image")
+	left, _ := filepath.Glob(filepath.Join(cache, "layers", "*"))
+	for _, p := range left {
+		assert.Regexp(t, `\.lock$`, p, "only lock files stay")
+	}
+	hidden, _ := filepath.Glob(filepath.Join(cache, "layers", ".*"))
+	assert.Empty(t, hidden, "no staging directory or scratch copy stays")
 }

@@ -1,13 +1,9 @@
 package layer
 
 import (
-	"bufio"
 	"context"
-	"crypto/sha256"
-	"encoding/hex"
 	"errors"
 	"fmt"
-	"io"
 	"io/fs"
 	"os"
 	"path/filepath"
@@ -19,6 +15,7 @@ import (
 // layerPaths are the cache files of one layer key.
 type layerPaths struct {
 	dir, key string
+	base     string // the base image the layer goes over
 }
 
 func (l layerPaths) layer() string      { return filepath.Join(l.dir, l.key+layerExt) }
@@ -58,7 +55,7 @@ func (l layerPaths) acquire(ctx context.Context, logf func(string, ...any), t *t
 			return false, nil, err
 		}
 		if _, err := os.Stat(l.layer()); errors.Is(err, fs.ErrNotExist) {
-			if err := l.write(t); err != nil {
+			if err := l.write(ctx, t); err != nil {
 				return false, nil, err
 			}
 			built = true
@@ -91,48 +88,32 @@ func (l layerPaths) flock(ctx context.Context, f *os.File, how int, logf func(st
 	}
 }
 
-// write writes the layer into a temporary file, checks that its bytes
-// hash to the key, and renames it into place. The caller holds the key's
-// lock exclusively, so temporary files of the same key are leftovers of
-// killed runs.
-func (l layerPaths) write(t *tree) (err error) {
+// write makes the layer in a temporary directory and renames it into
+// place. The caller holds the key's lock exclusively, so temporary
+// directories of the same key are leftovers of killed runs.
+func (l layerPaths) write(ctx context.Context, t *tree) (err error) {
 	stale, _ := filepath.Glob(filepath.Join(l.dir, l.tmpPattern()))
 	for _, s := range stale {
-		os.Remove(s)
+		_ = os.RemoveAll(s)
 	}
-	tmp, err := os.CreateTemp(l.dir, l.tmpPattern())
+	tmp, err := os.MkdirTemp(l.dir, l.tmpPattern())
 	if err != nil {
 		return fmt.Errorf("layer cache: %w", err)
 	}
-	defer func() {
-		if err != nil {
-			tmp.Close()
-			os.Remove(tmp.Name())
+	defer os.RemoveAll(tmp)
+	img := filepath.Join(tmp, "layer"+layerExt)
+	if err := bake(ctx, t, l.base, tmp, img); err != nil {
+		if ctx.Err() != nil {
+			return fmt.Errorf("making the layer: %w", context.Cause(ctx))
 		}
-	}()
-	h := sha256.New()
-	bw := bufio.NewWriterSize(io.MultiWriter(tmp, h), 1<<20)
-	if _, err := writeArchive(bw, t.entries); err != nil {
-		return fmt.Errorf("write layer %s: %w", tmp.Name(), err)
-	}
-	if err := bw.Flush(); err != nil {
-		return fmt.Errorf("write layer %s: %w", tmp.Name(), err)
-	}
-	if got := hex.EncodeToString(h.Sum(nil)); got != l.key {
-		return fmt.Errorf("write layer %s: the install tree changed while it was archived (hash %s, expected %s)", tmp.Name(), got[:16], l.key[:16])
-	}
-	// Read-only: runs attach it read-only, and nothing should write it.
-	if err := tmp.Chmod(0o444); err != nil {
 		return err
 	}
-	if err := tmp.Sync(); err != nil {
-		return fmt.Errorf("write layer %s: %w", tmp.Name(), err)
+	// Read-only: runs only ever use it as a backing file.
+	if err := os.Chmod(img, 0o444); err != nil {
+		return err
 	}
-	if err := tmp.Close(); err != nil {
-		return fmt.Errorf("write layer %s: %w", tmp.Name(), err)
-	}
-	// The rename is what makes the layer visible; nothing reads tmp.
-	if err := os.Rename(tmp.Name(), l.layer()); err != nil {
+	// The rename is what makes the layer visible.
+	if err := os.Rename(img, l.layer()); err != nil {
 		return fmt.Errorf("publish layer: %w", err)
 	}
 	d, err := os.Open(l.dir)

@@ -21,7 +21,8 @@ type Pruned struct {
 }
 
 var (
-	layerName = regexp.MustCompile(`^([0-9a-f]{64})\.cpio$`)
+	// .cpio: the layers of vmharness before layers became qcow2 images.
+	layerName = regexp.MustCompile(`^([0-9a-f]{64})\.(qcow2|cpio)$`)
 	tmpName   = regexp.MustCompile(`^\.tmp-([0-9a-f]{64})-[0-9]+$`)
 	stageName = regexp.MustCompile(`^\.stage-[0-9]+$`)
 )
@@ -90,7 +91,7 @@ func removeIfUnlocked(path, lockPath, keptBecause string) (string, error) {
 		}
 		return "", fmt.Errorf("layer lock %s: %w", lockPath, err)
 	}
-	if err := os.Remove(path); err != nil && !errors.Is(err, fs.ErrNotExist) {
+	if err := removeAll(path); err != nil && !errors.Is(err, fs.ErrNotExist) {
 		return "", fmt.Errorf("remove layer: %w", err)
 	}
 	return "", nil

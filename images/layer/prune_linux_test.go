@@ -22,17 +22,20 @@ func base(entries []Pruned) map[string]string {
 func TestPrune(t *testing.T) {
 	cache := t.TempDir()
 	dir := filepath.Join(cache, layersDir)
-	inUse, release, err := Build(context.Background(), Options{BuildDir: helloBuild(t), CacheDir: cache})
+	inUse, release, err := Build(context.Background(), Options{BuildDir: helloBuild(t), Base: testBase(t), CacheDir: cache})
 	require.NoError(t, err)
 	unused, releaseUnused, err := Build(context.Background(), Options{BuildDir: mesonProject(t, map[string]string{
 		"meson.build": "project('other')\ninstall_data('x', install_dir: '/usr/share/other')\n", "x": "x",
-	}), CacheDir: cache})
+	}), Base: testBase(t), CacheDir: cache})
 	require.NoError(t, err)
 	releaseUnused()
 
 	// What killed runs leave: a half-written layer and a staging directory.
 	deadKey := strings.Repeat("d", 64)
-	writeFile(t, filepath.Join(dir, ".tmp-"+deadKey+"-123"), "partial", 0o644)
+	writeFile(t, filepath.Join(dir, ".tmp-"+deadKey+"-123/rootfs.raw"), "partial", 0o644)
+	// A layer of an older vmharness, which extracted cpio archives.
+	oldKey := strings.Repeat("c", 64)
+	writeFile(t, filepath.Join(dir, oldKey+".cpio"), "070701", 0o444)
 	writeFile(t, filepath.Join(dir, ".stage-456/usr/bin/x"), "x", 0o755)
 	// A live run's staging directory.
 	live, err := newStage(dir)
@@ -44,7 +47,7 @@ func TestPrune(t *testing.T) {
 	removed, kept, err := Prune(cache)
 	require.NoError(t, err)
 	inUseName := filepath.Base(inUse)
-	assert.Equal(t, map[string]string{filepath.Base(unused): "", ".tmp-" + deadKey + "-123": "", ".stage-456": ""}, base(removed))
+	assert.Equal(t, map[string]string{filepath.Base(unused): "", ".tmp-" + deadKey + "-123": "", ".stage-456": "", oldKey + ".cpio": ""}, base(removed))
 	assert.Equal(t, map[string]string{inUseName: "in use by a run (or being written)", filepath.Base(live.dir): "a run is installing into it"}, base(kept))
 	for _, e := range removed {
 		assert.NoFileExists(t, e.Path)
@@ -81,7 +84,7 @@ func TestBuildRemovesStaleStages(t *testing.T) {
 	live, err := newStage(dir)
 	require.NoError(t, err)
 	defer live.remove()
-	_, release, err := Build(context.Background(), Options{BuildDir: helloBuild(t), CacheDir: cache})
+	_, release, err := Build(context.Background(), Options{BuildDir: helloBuild(t), Base: testBase(t), CacheDir: cache})
 	require.NoError(t, err)
 	release()
 	assert.NoDirExists(t, filepath.Join(dir, ".stage-1"))

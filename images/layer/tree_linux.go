@@ -10,8 +10,8 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// Limits on what a layer holds. The guest unpacks the layer into its page
-// cache and root overlay on every boot, so a tree far beyond what a test
+// Limits on what a layer holds. A layer must fit in the image's root file
+// system (2 GiB for the default image), and a tree far beyond what a test
 // needs is more likely a mistake (a build directory installed into itself,
 // a core dump) than a wish.
 const (
@@ -163,8 +163,8 @@ func scan(root string) (*tree, error) {
 }
 
 // pruneImplicitDirs drops the entries of directories that have mode 0755
-// and something in them. cpio creates those itself, root-owned and 0755,
-// when it extracts their contents; leaving them out means a directory the
+// and something in them. The layer creates those itself, root-owned and
+// 0755, when it writes their contents; leaving them out means a directory the
 // base already has (/etc, /usr/lib/systemd) keeps its owner and mode, as
 // it would if meson install ran in the guest. Empty directories, and those
 // with another mode (0700, sticky, setgid), are kept so they are made as
