@@ -487,15 +487,22 @@ func (m *Machine) Run(ctx context.Context, started func(pid int)) (*Result, erro
 	qemuGone := time.Now()
 
 	// The last notify connection (EXIT_STATUS) may still be in flight when
-	// QEMU exits; give it a moment before the listener goes away.
-	grace := time.After(500 * time.Millisecond)
-drain:
-	for {
-		select {
-		case msg := <-msgs:
-			l.note(m.verdict.Handle(msg))
-		case <-grace:
-			break drain
+	// QEMU exits; give it a moment before the listener goes away, unless
+	// the verdict has all it needs (every early-stopped test: half a
+	// second of each run).
+	if !m.verdict.Settled() {
+		grace := time.After(notifyGrace)
+	drain:
+		for {
+			select {
+			case msg := <-msgs:
+				l.note(m.verdict.Handle(msg))
+				if m.verdict.Settled() {
+					break drain
+				}
+			case <-grace:
+				break drain
+			}
 		}
 	}
 	stopNotify()
@@ -517,6 +524,10 @@ drain:
 	res.Outcome = m.verdict.Outcome()
 	return res, nil
 }
+
+// notifyGrace is how long the notify listener stays open after QEMU
+// exits while the verdict is not settled.
+const notifyGrace = 500 * time.Millisecond
 
 // runLoop is Run's wait for QEMU: it feeds the verdict every notify
 // message and timer, and carries out what the verdict asks for.

@@ -141,6 +141,15 @@ func New(cfg Config) *Verdict { return &Verdict{cfg: cfg} }
 // host (the boot timeout stops counting then).
 func (v *Verdict) Heard() bool { return v.heard }
 
+// Settled reports whether what the verdict has heard already decides the
+// outcome, so that notify messages still in flight when QEMU exits could
+// not change it: the unit's report decided it (the early stop), or PID 1
+// sent its final EXIT_STATUS after the unit's report. Until then the
+// harness gives the last connections a moment after QEMU exits.
+func (v *Verdict) Settled() bool {
+	return v.final != nil || (v.exitStatus != nil && v.unit != nil)
+}
+
 // Handle records one event and says what the harness should do now.
 func (v *Verdict) Handle(e Event) Step {
 	switch e := e.(type) {

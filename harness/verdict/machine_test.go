@@ -548,3 +548,36 @@ func TestSteps(t *testing.T) {
 	decided[FieldInvocation] = "0123abcd\x1b"
 	assert.Equal(t, Step{TestEnded: true, Final: true, JournalMarker: "0123abcd?"}, v.Handle(decided), "the marker is sanitized")
 }
+
+// TestSettled: once the verdict is settled, later messages cannot change
+// the outcome, which is what lets the harness skip its grace period for
+// messages in flight when QEMU exits.
+func TestSettled(t *testing.T) {
+	tests := []struct {
+		name   string
+		cfg    Config
+		events []Event
+		want   bool
+	}{
+		{"nothing heard", Config{}, nil, false},
+		{"booted only", Config{}, []Event{booted, ready}, false},
+		{"report decided it (early stop)", Config{}, []Event{booted, reportIn("running", "success", "exited", "0")}, true},
+		{"report without the manager's state: PID 1's EXIT_STATUS still to come", Config{}, []Event{booted, report("success", "exited", "0")}, false},
+		{"report and then EXIT_STATUS", Config{}, []Event{booted, report("success", "exited", "0"), poweroff("0")}, true},
+		{"EXIT_STATUS without a report", Config{}, []Event{booted, poweroff("1")}, false},
+		{"full shutdown: the report decides nothing yet", Config{FullShutdown: true}, []Event{booted, reportIn("running", "success", "exited", "0")}, false},
+		{"full shutdown, EXIT_STATUS in", Config{FullShutdown: true}, []Event{booted, reportIn("running", "success", "exited", "0"), poweroff("0")}, true},
+		{"a reboot: the next boot's result counts", Config{}, []Event{booted, report("success", "exited", "0"), reboot("0")}, false},
+		{"killed by a signal: waits for the end", Config{}, []Event{booted, reportIn("running", "signal", "killed", "TERM")}, false},
+		{"emergency mode", Config{}, []Event{booted, Notify{"X_SYSTEMD_UNIT_ACTIVE": "emergency.target"}, reportIn("running", "success", "exited", "0")}, false},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			v := New(tt.cfg)
+			for _, e := range tt.events {
+				v.Handle(e)
+			}
+			assert.Equal(t, tt.want, v.Settled())
+		})
+	}
+}
