@@ -274,7 +274,7 @@ func NewMachine(ctx context.Context, cfg Config) (*Machine, error) {
 	creds := testUnitCredentials(cfg.Unit, guest)
 	creds = devs.guestCredentials(creds, cfg.Unit.Name)
 	if cfg.Snapshot != "" {
-		if err := m.newSnapshotRun(ctx, snapshotCredentials(creds, cfg.Unit.Name)); err != nil {
+		if err := m.newSnapshotRun(ctx, append(snapshotCredentials(creds, cfg.Unit.Name), cfg.Credentials...)); err != nil {
 			return nil, err
 		}
 		ok = true

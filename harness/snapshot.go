@@ -109,7 +109,7 @@ func SnapshotUnsupported(cfg Config) error {
 		set  bool
 		what string
 	}{
-		{len(cfg.Credentials) > 0, "--credential (system credentials are the template's)"},
+		{firstSystemCredential(cfg.Credentials) != "", "--credential " + firstSystemCredential(cfg.Credentials) + " (system credentials are the template's; only systemd.extra-unit.* and systemd.unit-dropin.* can be installed after the restore)"},
 		{len(cfg.KernelArgs) > 0, "--kernel-arg (the kernel command line is the template's)"},
 		{len(cfg.QEMUArgs) > 0, "--qemu-arg"},
 		{cfg.Layer != "", "--build-dir (a build-tree layer is applied at boot)"},
@@ -126,6 +126,17 @@ func SnapshotUnsupported(cfg Config) error {
 		}
 	}
 	return nil
+}
+
+// firstSystemCredential returns the first credential name that is not a
+// unit or drop-in the agent can install as a file, or "".
+func firstSystemCredential(creds []Credential) string {
+	for _, c := range creds {
+		if !strings.HasPrefix(c.Name, "systemd.extra-unit.") && !strings.HasPrefix(c.Name, "systemd.unit-dropin.") {
+			return c.Name
+		}
+	}
+	return ""
 }
 
 // TemplateConfig is what a snapshot template depends on.

@@ -72,7 +72,7 @@ func (r *testRun) run(ctx context.Context) int {
 		return r.fail("%v", err)
 	}
 	if opts.snapshot {
-		if err := snapshotUnsupported(opts); err != nil {
+		if err := snapshotUnsupported(opts, creds); err != nil {
 			return r.fail("%v", err)
 		}
 	}
@@ -408,7 +408,9 @@ func (r *testRun) report(name string, unit harness.TestUnit, res *harness.Result
 	}
 	journal.summary(r.env.stderr)
 	journal.writeFindings(r.env.stderr, r.opts.exclude)
-	if o.ExitCode != harness.ExitHarnessError {
+	if o.ExitCode != harness.ExitHarnessError && r.opts.snapshot {
+		r.logf("to get a shell in this test's VM after it fails, rerun it without --snapshot (VMHARNESS_SNAPSHOT) and with VMHARNESS_KEEP_FAILED_VM=30m")
+	} else if o.ExitCode != harness.ExitHarnessError {
 		r.logf("to get a shell in this test's VM after it fails, rerun it with VMHARNESS_KEEP_FAILED_VM=30m (meson test --setup=keep %s)", name)
 	}
 }

@@ -17,8 +17,9 @@ import (
 
 // snapshotUnsupported checks the run's options against what a snapshot
 // start can do, before anything is set up (harness.SnapshotUnsupported).
-func snapshotUnsupported(o *runOptions) error {
+func snapshotUnsupported(o *runOptions, creds []harness.Credential) error {
 	cfg := harness.Config{
+		Credentials:  creds,
 		KernelArgs:   o.kernelArgs,
 		QEMUArgs:     o.qemuArgs,
 		SkipTestUnit: o.interactive,
@@ -26,9 +27,6 @@ func snapshotUnsupported(o *runOptions) error {
 		Firmware:     o.devices.parsedFirmware,
 		TPM:          o.devices.tpm,
 		Env:          o.devices.env,
-	}
-	for range o.credentials {
-		cfg.Credentials = append(cfg.Credentials, harness.Credential{})
 	}
 	if o.buildDir != "" {
 		cfg.Layer = o.buildDir
