@@ -512,6 +512,7 @@ func (m *Machine) Run(ctx context.Context, started func(pid int)) (*Result, erro
 	if started != nil {
 		started(cmd.Process.Pid)
 	}
+	qemuStarted := time.Now()
 	if m.snap != nil {
 		restoreCtx, cancel := context.WithTimeout(ctx, cmp.Or(cfg.BootTimeout, 3*time.Minute))
 		err := m.restore(restoreCtx)
@@ -527,7 +528,7 @@ func (m *Machine) Run(ctx context.Context, started func(pid int)) (*Result, erro
 		m.snapshotLog(start)
 	}
 
-	l := &runLoop{m: m, exited: exited, qemuStarted: time.Now()}
+	l := &runLoop{m: m, exited: exited, qemuStarted: qemuStarted}
 	l.timeline.QEMUStart = l.qemuStarted
 	if cfg.Timeout > 0 {
 		l.timeout = time.NewTimer(cfg.Timeout)

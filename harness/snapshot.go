@@ -25,6 +25,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"os"
 	"os/exec"
@@ -349,18 +350,77 @@ func BuildTemplate(ctx context.Context, cfg TemplateConfig, dir string) error {
 	if _, err := q.Execute(ctx, "migrate-set-parameters", map[string]any{"max-bandwidth": int64(1) << 40}); err != nil {
 		return proc.explain(err)
 	}
-	state := filepath.Join(dir, templateStateFile)
-	if _, err := q.Execute(ctx, "migrate", map[string]any{"uri": "exec:cat > " + shellQuote(state)}); err != nil {
+	// QEMU sends the state to a socket of ours rather than to a shell
+	// command, so that the file is complete and synced before the
+	// directory is renamed into place.
+	recv, err := receiveState(filepath.Join(sockDir, "migrate.sock"), filepath.Join(dir, templateStateFile))
+	if err != nil {
+		return err
+	}
+	if _, err := q.Execute(ctx, "migrate", map[string]any{"uri": "unix:" + filepath.Join(sockDir, "migrate.sock")}); err != nil {
+		recv.abort()
 		return proc.explain(err)
 	}
 	if err := waitMigration(ctx, q); err != nil {
+		recv.abort()
 		return proc.explain(fmt.Errorf("snapshot template: saving: %w", err))
+	}
+	if err := recv.wait(ctx); err != nil {
+		return fmt.Errorf("snapshot template: writing the state: %w", err)
 	}
 	q.Execute(ctx, "quit", nil)
 	if err := proc.wait(10 * time.Second); err != nil {
 		return fmt.Errorf("snapshot template: QEMU did not quit after the save: %w", err)
 	}
 	return nil
+}
+
+// stateReceiver writes the one migration stream QEMU sends to a socket
+// into a file.
+type stateReceiver struct {
+	l    net.Listener
+	done chan error
+}
+
+func receiveState(sock, path string) (*stateReceiver, error) {
+	l, err := net.Listen("unix", sock)
+	if err != nil {
+		return nil, fmt.Errorf("snapshot template: %w", err)
+	}
+	r := &stateReceiver{l: l, done: make(chan error, 1)}
+	go func() {
+		c, err := l.Accept()
+		l.Close()
+		if err != nil {
+			r.done <- err
+			return
+		}
+		defer c.Close()
+		f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
+		if err != nil {
+			r.done <- err
+			return
+		}
+		_, err = io.Copy(f, c)
+		r.done <- errors.Join(err, f.Sync(), f.Close())
+	}()
+	return r, nil
+}
+
+// wait returns once the stream has ended and the file is synced.
+func (r *stateReceiver) wait(ctx context.Context) error {
+	select {
+	case err := <-r.done:
+		return err
+	case <-ctx.Done():
+		r.abort()
+		return ctx.Err()
+	}
+}
+
+// abort stops waiting for (or reading) the stream.
+func (r *stateReceiver) abort() {
+	r.l.Close()
 }
 
 func cmpDuration(d, def time.Duration) time.Duration {
