@@ -517,7 +517,9 @@ func (m *Machine) Run(ctx context.Context, started func(pid int)) (*Result, erro
 		restoreCtx, cancel := context.WithTimeout(ctx, cmp.Or(cfg.BootTimeout, 3*time.Minute))
 		err := m.restore(restoreCtx)
 		cancel()
-		if err != nil {
+		// Interrupted (SIGTERM) during the restore: the run loop below
+		// stops the VM and says so, as at any other time.
+		if err != nil && ctx.Err() == nil {
 			m.kill(exited)
 			msg := lastLine(stderr.String())
 			if msg != "" {
