@@ -47,8 +47,8 @@ const (
 	// maxDiskSerial is what virtio-blk passes to the guest (its ID field
 	// has 20 bytes); longer serials would be cut there.
 	maxDiskSerial = 20
-	// reservedSerialPrefix marks the harness's own disks (the build-tree
-	// layer's "vmharness-layer", which the initrd looks for by serial).
+	// reservedSerialPrefix marks the harness's own disks (the root disk's
+	// "vmharness-root").
 	reservedSerialPrefix = "vmharness"
 )
 

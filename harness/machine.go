@@ -115,6 +115,9 @@ type Config struct {
 	// Exclude are the core dumps and sanitizer reports that do not fail
 	// the test (verdict.JournalFindings).
 	Exclude verdict.Exclusions
+	// Snapshot, if set, is a snapshot template directory (BuildTemplate)
+	// to start from instead of booting (experimental, snapshot.go).
+	Snapshot string
 	// OnReady is called once when the guest reports READY=1 (boot done).
 	OnReady func()
 	Logf    func(format string, args ...any)
@@ -186,6 +189,10 @@ type Machine struct {
 	notifyL net.Listener
 	verdict *verdict.Verdict
 	devices *devices
+	// snap is the snapshot start, if Config.Snapshot asks for one;
+	// snapLoaded is when its state was loaded.
+	snap       *snapshotRun
+	snapLoaded time.Time
 
 	mu   sync.Mutex
 	proc *os.Process
@@ -239,7 +246,15 @@ func NewMachine(ctx context.Context, cfg Config) (*Machine, error) {
 		return nil, err
 	}
 
-	notifyL, notifyPort, err := vsock.ListenFree(cfg.Transport)
+	var notifyL net.Listener
+	var notifyPort uint32
+	if cfg.Snapshot != "" {
+		// The template's PID 1 has this address for good.
+		notifyPort = SnapshotNotifyPort
+		notifyL, err = cfg.Transport.Listen(notifyPort)
+	} else {
+		notifyL, notifyPort, err = vsock.ListenFree(cfg.Transport)
+	}
 	if err != nil {
 		return nil, fmt.Errorf("listening for the guest's notifications: %w", err)
 	}
@@ -255,6 +270,13 @@ func NewMachine(ctx context.Context, cfg Config) (*Machine, error) {
 	m.verdict = verdict.New(verdict.Config{KeepOnFailure: guest.KeepOnFailure, TestNotStarted: cfg.SkipTestUnit, FullShutdown: cfg.FullShutdown, Exclude: cfg.Exclude})
 	creds := testUnitCredentials(cfg.Unit, guest)
 	creds = devs.guestCredentials(creds, cfg.Unit.Name)
+	if cfg.Snapshot != "" {
+		if err := m.newSnapshotRun(ctx, append(snapshotCredentials(creds, cfg.Unit.Name), cfg.Credentials...)); err != nil {
+			return nil, err
+		}
+		ok = true
+		return m, nil
+	}
 	creds = append(creds, Credential{Name: "vmm.notify_socket", Value: []byte(notifyAddr)})
 	creds = append(creds, cfg.Credentials...)
 	if err := CheckCredentialSizes(creds); err != nil {
@@ -344,6 +366,20 @@ func (m *Machine) KernelCommandLine() string {
 
 func (m *Machine) qemuArgs(smbiosArgs []string) []string {
 	cfg := m.cfg
+	args := m.hardwareArgs()
+	if cfg.Image.Initrd != "" {
+		args = append(args, "-initrd", cfg.Image.Initrd)
+	}
+	args = append(args, m.devices.qemuArgs()...)
+	args = append(args, cfg.Transport.QEMUArgs()...)
+	args = append(args, smbiosArgs...)
+	return append(args, cfg.QEMUArgs...)
+}
+
+// hardwareArgs are the QEMU arguments of the VM's fixed hardware, which a
+// snapshot template shares with the test path.
+func (m *Machine) hardwareArgs() []string {
+	cfg := m.cfg
 	mem := strconv.Itoa(cfg.MemoryMiB) + "M"
 	accel := "tcg,thread=multi"
 	if cfg.Accel.KVM() {
@@ -380,13 +416,7 @@ func (m *Machine) qemuArgs(smbiosArgs []string) []string {
 		"-device", m.rootDisk,
 		"-device", "virtio-rng-pci",
 	}
-	if cfg.Image.Initrd != "" {
-		args = append(args, "-initrd", cfg.Image.Initrd)
-	}
-	args = append(args, m.devices.qemuArgs()...)
-	args = append(args, cfg.Transport.QEMUArgs()...)
-	args = append(args, smbiosArgs...)
-	return append(args, cfg.QEMUArgs...)
+	return args
 }
 
 // bootTimeLeft is how much of the boot timeout limit is left after elapsed
@@ -472,8 +502,25 @@ func (m *Machine) Run(ctx context.Context, started func(pid int)) (*Result, erro
 	if started != nil {
 		started(cmd.Process.Pid)
 	}
+	qemuStarted := time.Now()
+	if m.snap != nil {
+		restoreCtx, cancel := context.WithTimeout(ctx, cmp.Or(cfg.BootTimeout, 3*time.Minute))
+		err := m.restore(restoreCtx)
+		cancel()
+		// Interrupted (SIGTERM) during the restore: the run loop below
+		// stops the VM and says so, as at any other time.
+		if err != nil && ctx.Err() == nil {
+			m.kill(exited)
+			msg := lastLine(stderr.String())
+			if msg != "" {
+				return nil, fmt.Errorf("snapshot start: %w (QEMU said: %s)", err, msg)
+			}
+			return nil, fmt.Errorf("snapshot start: %w", err)
+		}
+		m.snapshotLog(start)
+	}
 
-	l := &runLoop{m: m, exited: exited, qemuStarted: time.Now()}
+	l := &runLoop{m: m, exited: exited, qemuStarted: qemuStarted}
 	l.timeline.QEMUStart = l.qemuStarted
 	if cfg.Timeout > 0 {
 		l.timeout = time.NewTimer(cfg.Timeout)

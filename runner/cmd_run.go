@@ -45,6 +45,9 @@ type runOptions struct {
 	unitPath string
 	// ci holds --no-retry and --report-dir (attempts.go).
 	ci ciOptions
+	// snapshot starts the test from a saved template VM (experimental;
+	// snapshot_linux.go).
+	snapshot bool
 }
 
 // stringList is a repeatable string flag.
@@ -73,6 +76,7 @@ func parseRunFlags(env *cliEnv, args []string) (*runOptions, error) {
 	fs.StringVar(&o.recipe, "recipe", "", "image recipe file (default: $VMHARNESS_RECIPE, else the built-in default image)")
 	fs.StringVar(&o.buildDir, "build-dir", env.getenv("VMHARNESS_BUILD_DIR"), "Meson build directory to install into the guest's root before it boots (env VMHARNESS_BUILD_DIR)")
 	fs.BoolVar(&o.fullShutdown, "full-shutdown", false, "after the test, let the guest shut down by itself (and log its shutdown) instead of stopping the VM once the outcome is decided")
+	fs.BoolVar(&o.snapshot, "snapshot", env.getenv("VMHARNESS_SNAPSHOT") == "1", "experimental: start the test from a saved snapshot of a booted template VM instead of booting (env VMHARNESS_SNAPSHOT=1)")
 	o.devices.register(fs)
 	expectFailure := fs.String("expect-failure", "", "the test is expected to fail with a reason matching this regular expression: exit 0 if it does, 1 otherwise")
 	coredumpExclude := fs.String("coredump-exclude", "", "core dumps of executables whose path matches this regular expression do not fail the test")

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -15,6 +16,7 @@ import (
 	"github.com/vmharness/vmharness/harness/registry"
 	"github.com/vmharness/vmharness/harness/sshkey"
 	"github.com/vmharness/vmharness/harness/vsock"
+	"github.com/vmharness/vmharness/images"
 )
 
 // testRun is one `vmharness run`: it owns every resource the run creates
@@ -69,6 +71,11 @@ func (r *testRun) run(ctx context.Context) int {
 	if err := harness.CheckHostSupport(opts.devices.parsedFirmware, opts.devices.tpm); err != nil {
 		return r.fail("%v", err)
 	}
+	if opts.snapshot {
+		if err := snapshotUnsupported(opts, creds); err != nil {
+			return r.fail("%v", err)
+		}
+	}
 	keepJournal, err := parseKeepPolicy(opts.keepJournal)
 	if err != nil {
 		return r.fail("%v", err)
@@ -98,6 +105,20 @@ func (r *testRun) run(ctx context.Context) int {
 	r.attempt.unit = unit.Name
 	if code, ok := r.admit(ctx, baseName(opts, unit)); !ok {
 		return code
+	}
+	var snapshotDir string
+	if opts.snapshot {
+		timg, err := harness.SnapshotBootImage(img, filepath.Join(filepath.Dir(img.Kernel), images.InitrdFile))
+		if err != nil {
+			return r.fail("%v", err)
+		}
+		snapshotDir, err = ensureSnapshotTemplate(ctx, r, harness.TemplateConfig{
+			QEMU: getenv("VMHARNESS_QEMU"), Image: timg, MemoryMiB: opts.memoryMiB, CPUs: opts.cpus,
+			Accel: accel, BootTimeout: 45 * time.Second * accel.TimeoutScale(), Logf: r.logf,
+		})
+		if err != nil {
+			return r.fail("%v", err)
+		}
 	}
 
 	stateDir, err := sshkey.StateDir(getenv)
@@ -139,7 +160,15 @@ func (r *testRun) run(ctx context.Context) int {
 	}
 	r.defer_(func() { transport.Close() })
 
-	journalL, journalPort, err := vsock.ListenFree(transport)
+	var journalL net.Listener
+	var journalPort uint32
+	if opts.snapshot {
+		// The template's journald forwards to this port for good.
+		journalPort = harness.SnapshotJournalPort
+		journalL, err = transport.Listen(journalPort)
+	} else {
+		journalL, journalPort, err = vsock.ListenFree(transport)
+	}
 	if err != nil {
 		return r.fail("listening for the guest's journal: %v", err)
 	}
@@ -167,11 +196,13 @@ func (r *testRun) run(ctx context.Context) int {
 		return r.fail("%v", err)
 	}
 
-	creds = append(creds,
-		harness.Credential{Name: "journal.forward_to_socket", Value: []byte(fmt.Sprintf("vsock-stream:%d:%d", vsock.HostCID, journalPort))},
-		harness.Credential{Name: "journal.storage", Value: []byte("volatile")},
-		harness.Credential{Name: "ssh.authorized_keys.root", Value: []byte(pubKey + "\n")},
-	)
+	if !opts.snapshot {
+		creds = append(creds,
+			harness.Credential{Name: "journal.forward_to_socket", Value: []byte(fmt.Sprintf("vsock-stream:%d:%d", vsock.HostCID, journalPort))},
+			harness.Credential{Name: "journal.storage", Value: []byte("volatile")},
+			harness.Credential{Name: "ssh.authorized_keys.root", Value: []byte(pubKey + "\n")},
+		)
+	}
 	// The VM runs until the test ends; in shell mode until the shell does.
 	runCtx, cancelRun := context.WithCancelCause(ctx)
 	defer cancelRun(nil)
@@ -224,6 +255,7 @@ func (r *testRun) run(ctx context.Context) int {
 		SkipTestUnit:  opts.interactive,
 		OnReady:       onReady,
 		KeepOnFailure: keepOnFailure,
+		Snapshot:      snapshotDir,
 		Logf:          r.logf,
 	})
 	if err != nil {
@@ -376,7 +408,9 @@ func (r *testRun) report(name string, unit harness.TestUnit, res *harness.Result
 	}
 	journal.summary(r.env.stderr)
 	journal.writeFindings(r.env.stderr, r.opts.exclude)
-	if o.ExitCode != harness.ExitHarnessError {
+	if o.ExitCode != harness.ExitHarnessError && r.opts.snapshot {
+		r.logf("to get a shell in this test's VM after it fails, rerun it without --snapshot (VMHARNESS_SNAPSHOT) and with VMHARNESS_KEEP_FAILED_VM=30m")
+	} else if o.ExitCode != harness.ExitHarnessError {
 		r.logf("to get a shell in this test's VM after it fails, rerun it with VMHARNESS_KEEP_FAILED_VM=30m (meson test --setup=keep %s)", name)
 	}
 }

@@ -1,0 +1,45 @@
+package runner
+
+import (
+	"strings"
+	"testing"
+
+	"github.com/stretchr/testify/assert"
+)
+
+// TestE2ESnapshot starts a passing and a failing unit from the snapshot
+// template (built by the first run if the cache has none) and checks the
+// exit codes and that nothing is left behind; an option the template
+// cannot honour fails at once with one line.
+func TestE2ESnapshot(t *testing.T) {
+	requireE2E(t)
+	tests := []struct {
+		name     string
+		unit     string
+		wantCode int
+		wantText string
+	}{
+		{"pass", "boot.service", 0, "PASS"},
+		{"fail", "fail.service", 1, "test exited with status 3"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			// One after the other: the first may build the template,
+			// which the second then waits for anyway.
+			r := startRun(t, "--snapshot", "--timeout", "8m", testUnitPath(tt.unit))
+			r.wait(t)
+			assert.Equal(t, tt.wantCode, r.exitCode)
+			assert.Contains(t, r.stderr.String(), tt.wantText)
+			// The test started from the snapshot, not from a boot.
+			assert.Contains(t, r.stderr.String(), "snapshot: state loaded in")
+			r.assertNothingLeft(t, 0)
+		})
+	}
+	t.Run("unsupported", func(t *testing.T) {
+		r := startRun(t, "--snapshot", "--kernel-arg", "quiet", testUnitPath("boot.service"))
+		r.wait(t)
+		assert.Equal(t, 99, r.exitCode)
+		assert.Equal(t, "vmharness run: --snapshot does not support --kernel-arg (the kernel command line is the template's); run without --snapshot\n", r.stderr.String())
+		assert.Equal(t, 1, strings.Count(r.stderr.String(), "\n"))
+	})
+}
