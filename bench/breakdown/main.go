@@ -8,7 +8,7 @@
 // and end. Host phases come from the runner's "timings:" line (offsets
 // from QEMU's start: the guest's first notify message, the test's result,
 // the final EXIT_STATUS, QEMU gone) and from the wall clock around the
-// whole run.
+// whole run; "host CPU" is the CPU time the run used, QEMU's included.
 //
 //	go run ./bench/breakdown -runs 5 -base a8032bf   (see bench/breakdown.sh)
 package main
@@ -48,6 +48,7 @@ var phases = []phase{
 	{"host: exit status", "host: QEMU start to PID 1's final EXIT_STATUS"},
 	{"host: QEMU gone", "host: QEMU start to QEMU's exit"},
 	{"run", "host: the whole `vmharness run`, wall clock"},
+	{"host CPU", "host: CPU time (user+system) of the run and everything it waited for, QEMU included"},
 }
 
 func main() {
@@ -74,7 +75,7 @@ func main() {
 				fatal(fmt.Errorf("%s, run %d: %w", bin, i+1, err))
 			}
 			results[b] = append(results[b], r)
-			fmt.Fprintf(os.Stderr, "run %d, %s: %.1fs\n", i+1, label(b, len(bins)), r["run"])
+			fmt.Fprintf(os.Stderr, "run %d, %s: %.1fs, host CPU %.1fs\n", i+1, label(b, len(bins)), r["run"], r["host CPU"])
 		}
 	}
 	printTable(os.Stdout, bins, results, *runs)
@@ -106,7 +107,12 @@ func measure(bin, unit, dir string) (map[string]float64, error) {
 	if err != nil {
 		return nil, fmt.Errorf("%v:\n%s", err, stderr.String())
 	}
-	r := map[string]float64{"run": wall}
+	// The runner reaps QEMU, so the runner's rusage holds QEMU's CPU time
+	// too: the guest's work, far less disturbed by other load on the
+	// machine than the wall clock is (waiting for a CPU costs no CPU
+	// time).
+	cpu := cmd.ProcessState.UserTime() + cmd.ProcessState.SystemTime()
+	r := map[string]float64{"run": wall, "host CPU": cpu.Seconds()}
 	hostPhases(stderr.String(), r)
 	if err := guestPhases(filepath.Join(jdir, "breakdown.journal"), unit, r); err != nil {
 		return nil, err

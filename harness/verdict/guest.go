@@ -116,10 +116,12 @@ func (g GuestSetup) units() []guestUnit {
 	if g.KeepOnFailure {
 		failureAction = "none"
 	}
-	// systemd-notify speaks vsock-stream addresses since systemd 256; it
-	// runs through env(1) so the test's own processes never see a
-	// NOTIFY_SOCKET. "${VAR}" is expanded by systemd itself, "$$" is "$".
-	notify := fmt.Sprintf("/usr/bin/env NOTIFY_SOCKET=%s /usr/bin/systemd-notify --no-block", g.NotifyAddress)
+	// systemd-notify speaks vsock-stream addresses since systemd 256.
+	// NOTIFY_SOCKET is set for that one command by the shell (every use
+	// is in a shellCommand), so the test's own processes never see it;
+	// env(1) did the same at the cost of one more exec under TCG. "${VAR}"
+	// is expanded by systemd itself, "$$" is "$".
+	notify := fmt.Sprintf("NOTIFY_SOCKET=%s /usr/bin/systemd-notify --no-block", g.NotifyAddress)
 
 	// With systemd.unit=TEST.service nothing pulls in basic.target (a
 	// service is only ordered after it), so sockets.target and with it
@@ -155,7 +157,8 @@ func (g GuestSetup) units() []guestUnit {
 			// processed (and so forwarded) everything queued. The marker
 			// before it lets the host see when the journal up to here has
 			// arrived: it is forwarded after every line the test logged.
-			"/usr/bin/systemd-cat -t "+JournalMarkerIdentifier+` /bin/echo "$$INVOCATION_ID";`,
+			// The shell's own echo: a fork, not an exec of /bin/echo.
+			`echo "$$INVOCATION_ID" | /usr/bin/systemd-cat -t `+JournalMarkerIdentifier+`;`,
 			"/usr/bin/journalctl --sync;",
 			// The unit's own result goes to the host: the exit status PID
 			// 1 forwards cannot tell a failure with status 123 from the

@@ -28,8 +28,8 @@ func TestGuestSetupFiles(t *testing.T) {
 	// The journal is synced before the result is reported, and both before
 	// the success or failure action powers the VM off.
 	assert.Equal(t, 1, strings.Count(dropin, "\nExecStopPost="), "one command: each costs PID 1 an executor under TCG")
-	assert.Contains(t, dropin, `done; /usr/bin/systemd-cat -t vmharness-journal-marker /bin/echo "$$INVOCATION_ID"; /usr/bin/journalctl --sync; `+
-		`/usr/bin/env NOTIFY_SOCKET=vsock-stream:2:9 /usr/bin/systemd-notify --no-block `+
+	assert.Contains(t, dropin, `done; echo "$$INVOCATION_ID" | /usr/bin/systemd-cat -t vmharness-journal-marker; /usr/bin/journalctl --sync; `+
+		`NOTIFY_SOCKET=vsock-stream:2:9 /usr/bin/systemd-notify --no-block `+
 		`X_VMHARNESS_TEST_RESULT="$$SERVICE_RESULT" X_VMHARNESS_TEST_EXIT_CODE="$$EXIT_CODE" X_VMHARNESS_TEST_EXIT_STATUS="$$EXIT_STATUS" `+
 		`X_VMHARNESS_SYSTEM_STATE="$$(systemctl is-system-running)" X_VMHARNESS_INVOCATION="$$INVOCATION_ID"'`+"\n", dropin,
 		"after core dumps in progress: the journal marker, the sync, then the report, so the result is reported once the journal is complete")
@@ -37,7 +37,7 @@ func TestGuestSetupFiles(t *testing.T) {
 	// Core dumps in progress are waited for before the journal marker and
 	// the sync, so that they reach the host's journal before it stops the
 	// VM.
-	assert.Regexp(t, `ExecStopPost=-\+/bin/sh -c 'i=0; while grep -qs "\^CoreDumping:\[\[:space:\]\]\*1" /proc/\[0-9\]\*/status; do .*done; /usr/bin/systemd-cat `, dropin)
+	assert.Regexp(t, `ExecStopPost=-\+/bin/sh -c 'i=0; while grep -qs "\^CoreDumping:\[\[:space:\]\]\*1" /proc/\[0-9\]\*/status; do .*done; echo "\$\$INVOCATION_ID" \| /usr/bin/systemd-cat `, dropin)
 	assert.NotContains(t, waitForCoredumps, "exit", "the wait must not end the command before the marker and the report")
 
 	check := plain["systemd.extra-unit."+ConditionCheckUnit]
