@@ -83,6 +83,10 @@ type Config struct {
 	// counting time in which QEMU waited for a host CPU.
 	Timeout     time.Duration
 	BootTimeout time.Duration
+	// PowerOffTimeout bounds the guest's shutdown once it sent its final
+	// exit status or reported emergency mode; 0 means 30 s, times
+	// Accel.TimeoutScale() (tests shorten it).
+	PowerOffTimeout time.Duration
 	// KeepOnFailure is called when the test unit failed while the VM is
 	// still up (the test's failure action is off when it is set). It
 	// returns how long to keep the VM running for inspection; Run then
@@ -655,8 +659,17 @@ func (l *runLoop) run(ctx context.Context, msgs <-chan verdict.Notify) error {
 			if step.Ready && cfg.OnReady != nil {
 				cfg.OnReady()
 			}
-			if step.AwaitPowerOff && l.powerOff == nil {
-				l.powerOff = time.NewTimer(30 * time.Second * cfg.Accel.TimeoutScale())
+			if (step.AwaitPowerOff || step.EmergencyReported) && l.powerOff == nil {
+				// In emergency mode the outcome is decided and the
+				// emergency-exit unit's failure action powers the guest
+				// off; should that shutdown hang (seen under load: the
+				// guest's journal went quiet and it never powered off),
+				// waiting for it would only run into --timeout.
+				timeout := cfg.PowerOffTimeout
+				if timeout <= 0 {
+					timeout = 30 * time.Second * cfg.Accel.TimeoutScale()
+				}
+				l.powerOff = time.NewTimer(timeout)
 			}
 			if step.Rebooting && l.powerOff != nil {
 				l.powerOff.Stop()

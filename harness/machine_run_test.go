@@ -106,6 +106,8 @@ func TestMachineRunLifecycle(t *testing.T) {
 		wantCode    int
 		wantReason  string
 		wantKept    int
+		// maxElapsed, if set, bounds how long Run may take.
+		maxElapsed time.Duration
 	}{
 		{name: "pass", script: booted + ";" + passed + ";" + exit123 + ";exit 0", wantCode: ExitPass},
 		{name: "a unit that exits 123", script: booted + ";send X_VMHARNESS_TEST_RESULT=exit-code|X_VMHARNESS_TEST_EXIT_CODE=exited|X_VMHARNESS_TEST_EXIT_STATUS=123;" + exit123 + ";exit 0",
@@ -135,6 +137,13 @@ func TestMachineRunLifecycle(t *testing.T) {
 			script:   booted + ";send X_VMHARNESS_TEST_RESULT=success|X_VMHARNESS_TEST_EXIT_CODE=exited|X_VMHARNESS_TEST_EXIT_STATUS=0|X_VMHARNESS_SYSTEM_STATE=starting|X_VMHARNESS_INVOCATION=inv1;sleep 500ms;" + exit123 + ";exit 0",
 			cfg:      func(c *Config) { c.FullShutdown = true; c.JournalHas = func(string) bool { return true } },
 			wantCode: ExitPass},
+		{name: "emergency mode: a guest whose shutdown hangs is stopped after the power-off time",
+			script: booted + ";send X_SYSTEMD_UNIT_ACTIVE=emergency.target;send X_VMHARNESS_EMERGENCY=emergency.target;hang",
+			cfg: func(c *Config) {
+				c.Timeout = 20 * time.Second // fails the elapsed-time check below if it is what ends the run
+				c.PowerOffTimeout = time.Second
+			},
+			wantCode: ExitFail, wantReason: "guest fell into emergency mode (emergency.target reached)", maxElapsed: 10 * time.Second},
 		{name: "keep mode: a skip stops the VM", script: booted + ";send X_VMHARNESS_TEST_RESULT=exit-code|X_VMHARNESS_TEST_EXIT_CODE=exited|X_VMHARNESS_TEST_EXIT_STATUS=77;hang",
 			cfg:      func(c *Config) { c.KeepOnFailure = func(Outcome) time.Duration { return time.Hour } },
 			wantCode: ExitSkip, wantReason: "exit status 77"},
@@ -178,6 +187,9 @@ func TestMachineRunLifecycle(t *testing.T) {
 			assert.Equal(t, tt.wantCode, res.Outcome.ExitCode, "reason: %s", res.Outcome.Reason)
 			assert.Contains(t, res.Outcome.Reason, tt.wantReason)
 			assert.Equal(t, tt.wantKept, kept, "KeepOnFailure calls")
+			if tt.maxElapsed > 0 {
+				assert.Less(t, res.Elapsed, tt.maxElapsed, "Run's duration")
+			}
 			assert.ErrorIs(t, syscall.Kill(m.PID(), 0), syscall.ESRCH, "QEMU does not outlive Run")
 			_, err = net.Dial("unix", notify)
 			assert.Error(t, err, "Run closes the notify listener")

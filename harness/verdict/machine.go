@@ -79,7 +79,14 @@ type Step struct {
 	// AwaitPowerOff: the guest sent its final exit status and is powering
 	// off; bound the time it may take. Reboot cancels it.
 	AwaitPowerOff bool
-	Rebooting     bool
+	// EmergencyReported: the guest fell into emergency or rescue mode
+	// (PID 1 or the emergency-exit unit said so, reported once per boot).
+	// The outcome is decided and the emergency-exit unit's failure action
+	// powers the guest off; bound the time that may take, as for
+	// AwaitPowerOff (a guest in emergency mode has been seen never to
+	// finish its shutdown).
+	EmergencyReported bool
+	Rebooting         bool
 	// Hold: the test failed while its VM is up (keep-on-failure); keep the
 	// VM for inspection or stop it. The outcome is final.
 	Hold *Outcome
@@ -174,6 +181,7 @@ func (v *Verdict) Handle(e Event) Step {
 func (v *Verdict) notify(m Notify) Step {
 	var step Step
 	v.heard = true
+	wasEmergency := v.emergency != ""
 	if m["READY"] == "1" && !v.ready {
 		v.ready = true
 		step.Ready = true
@@ -194,6 +202,7 @@ func (v *Verdict) notify(m Notify) Step {
 	} else if m["READY"] == "1" && rebooting(v.shutdown) {
 		v.newBoot()
 	}
+	step.EmergencyReported = v.emergency != "" && !wasEmergency
 	if r, ok := m[FieldTestResult]; ok && !rebooting(v.shutdown) {
 		v.unit = &UnitResult{Result: r, ExitCode: m[FieldTestExitCode], ExitStatus: m[FieldTestExitStatus]}
 		v.systemState = m[FieldSystemState]

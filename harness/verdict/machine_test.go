@@ -547,6 +547,12 @@ func TestSteps(t *testing.T) {
 	decided := reportIn("running", "exit-code", "exited", "5")
 	decided[FieldInvocation] = "0123abcd\x1b"
 	assert.Equal(t, Step{TestEnded: true, Final: true, JournalMarker: "0123abcd?"}, v.Handle(decided), "the marker is sanitized")
+
+	v = New(Config{})
+	assert.Equal(t, Step{EmergencyReported: true}, v.Handle(Notify{"X_SYSTEMD_UNIT_ACTIVE": "emergency.target"}))
+	assert.Equal(t, Step{}, v.Handle(Notify{FieldEmergency: "emergency.target"}), "emergency mode is reported once")
+	v = New(Config{})
+	assert.Equal(t, Step{EmergencyReported: true}, v.Handle(Notify{FieldEmergency: "rescue.target"}))
 }
 
 // TestSettled: once the verdict is settled, later messages cannot change
