@@ -522,11 +522,17 @@ func dialUnix(ctx context.Context, path string) (net.Conn, error) {
 	}
 }
 
-// expectLine reads from c until a line equal to want arrives.
+// maxAgentLine bounds a line from the guest's agent: the guest is not
+// trusted, and a line without end must not grow the host's buffer.
+const maxAgentLine = 4096
+
+// expectLine reads from c until a line equal to want arrives. Lines
+// longer than maxAgentLine are skipped whole.
 func expectLine(ctx context.Context, c net.Conn, want string) error {
 	stop := context.AfterFunc(ctx, func() { c.SetReadDeadline(time.Now()) })
 	defer stop()
 	var buf []byte
+	skipping := false // inside a line that was too long
 	one := make([]byte, 256)
 	for {
 		n, err := c.Read(one)
@@ -536,10 +542,14 @@ func expectLine(ctx context.Context, c net.Conn, want string) error {
 			if i < 0 {
 				break
 			}
-			if strings.TrimRight(string(buf[:i]), "\r") == want {
+			if !skipping && strings.TrimRight(string(buf[:i]), "\r") == want {
 				return nil
 			}
+			skipping = false
 			buf = buf[i+1:]
+		}
+		if len(buf) > maxAgentLine {
+			buf, skipping = buf[:0], true
 		}
 		if err != nil {
 			if ctx.Err() != nil {

@@ -1,6 +1,8 @@
 package harness
 
 import (
+	"context"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -155,4 +157,40 @@ func TestAgentScript(t *testing.T) {
 	assert.Equal(t, "date -u -s @1700000000.000000005\n"+
 		"env NOTIFY_SOCKET=vsock-stream:2:900 /usr/bin/systemd-notify READY=1\n"+
 		"systemctl start --no-block t.service\n", string(calls))
+}
+
+// TestExpectLine: the agent's answer is found among other lines, and an
+// endless line from the guest is skipped, not buffered, and cannot end in
+// a false match.
+func TestExpectLine(t *testing.T) {
+	long := strings.Repeat("x", 3*maxAgentLine)
+	tests := []struct {
+		name    string
+		sent    string
+		wantErr bool
+	}{
+		{"the line alone", "READY\n", false},
+		{"after other lines, with CRLF", "noise\nmore\r\nREADY\r\n", false},
+		{"only a prefix", "READ", true},
+		{"a longer line", "NOT READY\n", true},
+		{"a too-long line ending in the answer", long + "READY\n", true},
+		{"a too-long line, then the answer", long + "\nREADY\n", false},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			host, guest := net.Pipe()
+			go func() {
+				guest.Write([]byte(tt.sent))
+				guest.Close()
+			}()
+			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+			defer cancel()
+			err := expectLine(ctx, host, "READY")
+			if tt.wantErr {
+				require.Error(t, err)
+			} else {
+				require.NoError(t, err)
+			}
+		})
+	}
 }
