@@ -11,6 +11,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/vmharness/vmharness/internal/flock"
 )
 
 // Environment variables that steer where images come from.
@@ -157,27 +159,17 @@ func (b *Builder) lock(ctx context.Context, path, name string) (unlock func(), e
 	if err != nil {
 		return nil, fmt.Errorf("image cache lock: %w", err)
 	}
-	waiting := false
-	for {
-		err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB)
-		if err == nil {
-			return func() { f.Close() }, nil
+	err = flock.Wait(ctx, f, unix.LOCK_EX, 200*time.Millisecond, func() {
+		fmt.Fprintf(b.progress, "vmharness: image %s: waiting for another process building image %s (lock %s)\n", name, name, path)
+	})
+	if err != nil {
+		f.Close()
+		if ctx.Err() != nil {
+			return nil, fmt.Errorf("waiting for image %s lock: %w", name, err)
 		}
-		if !errors.Is(err, unix.EWOULDBLOCK) && !errors.Is(err, unix.EINTR) {
-			f.Close()
-			return nil, fmt.Errorf("image cache lock %s: %w", path, err)
-		}
-		if !waiting {
-			waiting = true
-			fmt.Fprintf(b.progress, "vmharness: image %s: waiting for another process building image %s (lock %s)\n", name, name, path)
-		}
-		select {
-		case <-ctx.Done():
-			f.Close()
-			return nil, fmt.Errorf("waiting for image %s lock: %w", name, context.Cause(ctx))
-		case <-time.After(200 * time.Millisecond):
-		}
+		return nil, fmt.Errorf("image cache lock %s: %w", path, err)
 	}
+	return func() { f.Close() }, nil
 }
 
 // buildLocked builds into a fresh temporary directory next to the final one

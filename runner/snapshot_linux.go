@@ -2,7 +2,6 @@ package runner
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -10,6 +9,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/vmharness/vmharness/internal/flock"
 
 	"github.com/vmharness/vmharness/harness"
 	"github.com/vmharness/vmharness/images"
@@ -103,25 +104,12 @@ func lockFile(ctx context.Context, path string, waiting func()) (unlock func(), 
 	if err != nil {
 		return nil, fmt.Errorf("snapshot template lock: %w", err)
 	}
-	told := false
-	for {
-		err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB)
-		if err == nil {
-			return func() { f.Close() }, nil
+	if err := flock.Wait(ctx, f, unix.LOCK_EX, 200*time.Millisecond, waiting); err != nil {
+		f.Close()
+		if ctx.Err() != nil {
+			return nil, fmt.Errorf("waiting for snapshot template lock %s: %w", path, err)
 		}
-		if !errors.Is(err, unix.EWOULDBLOCK) && !errors.Is(err, unix.EINTR) {
-			f.Close()
-			return nil, fmt.Errorf("snapshot template lock %s: %w", path, err)
-		}
-		if !told {
-			told = true
-			waiting()
-		}
-		select {
-		case <-ctx.Done():
-			f.Close()
-			return nil, fmt.Errorf("waiting for snapshot template lock %s: %w", path, context.Cause(ctx))
-		case <-time.After(200 * time.Millisecond):
-		}
+		return nil, fmt.Errorf("snapshot template lock %s: %w", path, err)
 	}
+	return func() { f.Close() }, nil
 }

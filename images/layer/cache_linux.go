@@ -10,6 +10,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/vmharness/vmharness/internal/flock"
 )
 
 // layerPaths are the cache files of one layer key.
@@ -67,25 +69,16 @@ func (l layerPaths) acquire(ctx context.Context, logf func(string, ...any), t *t
 // flock takes the lock how (LOCK_SH or LOCK_EX) on f, polling so ctx can
 // end the wait, and says once that it waits for another builder.
 func (l layerPaths) flock(ctx context.Context, f *os.File, how int, logf func(string, ...any)) error {
-	waiting := false
-	for {
-		err := unix.Flock(int(f.Fd()), how|unix.LOCK_NB)
-		if err == nil {
-			return nil
-		}
-		if !errors.Is(err, unix.EWOULDBLOCK) && !errors.Is(err, unix.EINTR) {
-			return fmt.Errorf("layer lock %s: %w", l.lockFile(), err)
-		}
-		if !waiting {
-			waiting = true
-			logf("layer %s: waiting for another run writing it (lock %s)", l.key[:16], l.lockFile())
-		}
-		select {
-		case <-ctx.Done():
-			return fmt.Errorf("waiting for layer lock %s: %w", l.lockFile(), context.Cause(ctx))
-		case <-time.After(50 * time.Millisecond):
-		}
+	err := flock.Wait(ctx, f, how, 50*time.Millisecond, func() {
+		logf("layer %s: waiting for another run writing it (lock %s)", l.key[:16], l.lockFile())
+	})
+	switch {
+	case err == nil:
+		return nil
+	case ctx.Err() != nil:
+		return fmt.Errorf("waiting for layer lock %s: %w", l.lockFile(), err)
 	}
+	return fmt.Errorf("layer lock %s: %w", l.lockFile(), err)
 }
 
 // write makes the layer in a temporary directory and renames it into
