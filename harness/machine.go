@@ -27,6 +27,11 @@ import (
 // ever opens Rootfs read-only (as a qcow2 backing file).
 type BootImage struct {
 	Kernel string
+	// KernelELF is Kernel uncompressed, with a PVH entry point (package
+	// images/vmlinux), or "". A direct boot (FirmwareLinux) starts it
+	// instead of Kernel: the guest skips the decompressor, which under
+	// TCG takes most of a second. UEFI firmware needs Kernel's EFI stub.
+	KernelELF string
 	// Initrd is booted through when set; without one the kernel mounts
 	// the root itself (its driver must be built in).
 	Initrd       string
@@ -221,6 +226,9 @@ func NewMachine(ctx context.Context, cfg Config) (*Machine, error) {
 		return nil, errors.New("harness: Config needs a vsock Transport")
 	}
 	files := []string{cfg.Image.Kernel, cfg.Image.Rootfs}
+	if cfg.Image.KernelELF != "" {
+		files = append(files, cfg.Image.KernelELF)
+	}
 	if cfg.Image.Initrd != "" {
 		files = append(files, cfg.Image.Initrd)
 	}
@@ -414,13 +422,22 @@ func (m *Machine) hardwareArgs() []string {
 		"-serial", "chardev:console",
 		"-device", "virtio-serial-pci,id=virtio-serial",
 		"-device", "virtconsole,chardev=console",
-		"-kernel", cfg.Image.Kernel,
+		"-kernel", bootKernel(cfg.Image, cfg.Firmware),
 		"-append", m.KernelCommandLine(),
 		"-drive", "if=none,id=root,file=" + QEMUOptionValue(m.overlay) + ",format=qcow2,discard=unmap,cache=unsafe",
 		"-device", m.rootDisk,
 		"-device", "virtio-rng-pci",
 	}
 	return args
+}
+
+// bootKernel is the kernel file QEMU loads: the uncompressed PVH kernel
+// when the image has one and SeaBIOS boots it, else the bzImage.
+func bootKernel(img BootImage, fw Firmware) string {
+	if img.KernelELF != "" && (fw == "" || fw == FirmwareLinux) {
+		return img.KernelELF
+	}
+	return img.Kernel
 }
 
 // bootTimeLeft is how much of the boot timeout limit is left after elapsed

@@ -159,9 +159,32 @@ func TestCPUStarvationOfThisProcess(t *testing.T) {
 	assert.Equal(t, time.Duration(0), cpuStarvation(-1))
 }
 
+func TestBootKernel(t *testing.T) {
+	withELF := BootImage{Kernel: "/img/vmlinuz", KernelELF: "/img/vmlinux"}
+	tests := []struct {
+		name string
+		img  BootImage
+		fw   Firmware
+		want string
+	}{
+		{"PVH kernel, default firmware", withELF, "", "/img/vmlinux"},
+		{"PVH kernel, SeaBIOS", withELF, FirmwareLinux, "/img/vmlinux"},
+		{"UEFI needs the bzImage's EFI stub", withELF, FirmwareUEFI, "/img/vmlinuz"},
+		{"UEFI Secure Boot too", withELF, FirmwareUEFISecureBoot, "/img/vmlinuz"},
+		{"an image without a PVH kernel", BootImage{Kernel: "/img/vmlinuz"}, FirmwareLinux, "/img/vmlinuz"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			assert.Equal(t, tt.want, bootKernel(tt.img, tt.fw))
+		})
+	}
+}
+
 func TestNewMachineBootModes(t *testing.T) {
 	files, layer, qemu := machineFixture(t, "layer.qcow2")
 	kernel, initrd, rootfs := files.Kernel, files.Initrd, files.Rootfs
+	kernelELF := filepath.Join(filepath.Dir(kernel), "vmlinux")
+	require.NoError(t, os.WriteFile(kernelELF, []byte("x"), 0o644))
 
 	tests := []struct {
 		name        string
@@ -198,6 +221,13 @@ func TestNewMachineBootModes(t *testing.T) {
 			wantArgs:   []string{"-initrd " + initrd},
 			notArgs:    []string{"vmharness-layer"},
 			notCmdline: []string{"init="}},
+		{name: "a PVH kernel is what QEMU loads",
+			img:      BootImage{KernelELF: kernelELF, RootDevice: "/dev/nvme0n1", RootCmdline: "root=/dev/nvme0n1 rw"},
+			wantArgs: []string{"-kernel " + kernelELF + " "},
+			notArgs:  []string{"-kernel " + kernel}},
+		{name: "a PVH kernel that is gone",
+			img:     BootImage{KernelELF: kernelELF + ".gone"},
+			wantErr: "image file missing (rebuild with vmharness image build)"},
 		{name: "a root device on no bus the harness has",
 			img:     BootImage{RootDevice: "/dev/sda"},
 			wantErr: `root device "/dev/sda": vmharness attaches the root disk as /dev/vda (virtio-blk) or /dev/nvme0n1 (NVMe)`},

@@ -241,7 +241,7 @@ func templateKey(args []string, qemu string, img BootImage) (string, error) {
 	h := sha256.New()
 	fmt.Fprintln(h, templateFormat)
 	json.NewEncoder(h).Encode(args)
-	for _, p := range []string{qemu, img.Kernel, img.Initrd, img.Rootfs} {
+	for _, p := range []string{qemu, img.Kernel, img.KernelELF, img.Initrd, img.Rootfs} {
 		if p == "" {
 			continue
 		}

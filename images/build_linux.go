@@ -15,6 +15,8 @@ import (
 	"strings"
 	"syscall"
 	"time"
+
+	"github.com/vmharness/vmharness/images/vmlinux"
 )
 
 // buildWithMmdebstrap is the real build: mmdebstrap makes the tree, the
@@ -92,6 +94,22 @@ func buildWithMmdebstrap(ctx context.Context, r *Recipe, key, out string, log *p
 		return nil, err
 	}
 
+	kernelELF := KernelELFFile
+	err = log.step("take the uncompressed kernel out of "+KernelFile+" for a PVH boot", func() error {
+		err := vmlinux.ExtractFile(filepath.Join(out, KernelFile), filepath.Join(out, KernelELFFile))
+		if errors.Is(err, vmlinux.ErrUnsupported) {
+			// Not every kernel can be booted this way; it still boots
+			// through its decompressor, only slower.
+			log.printf("runs will boot %s through its decompressor: %v", KernelFile, err)
+			kernelELF = ""
+			return nil
+		}
+		return err
+	})
+	if err != nil {
+		return nil, err
+	}
+
 	img := filepath.Join(out, RootfsFile)
 	mkfsLog := filepath.Join(work, "mkfs.log")
 	if mode == "root" {
@@ -131,6 +149,7 @@ func buildWithMmdebstrap(ctx context.Context, r *Recipe, key, out string, log *p
 		BuildMode:     mode,
 		KernelVersion: boot.kernelVersion,
 		Kernel:        KernelFile,
+		KernelELF:     kernelELF,
 		Initrd:        InitrdFile,
 		Rootfs:        RootfsFile,
 		RootfsFormat:  "raw",

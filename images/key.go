@@ -16,7 +16,7 @@ import (
 // FormatVersion identifies the build procedure. Bump it whenever a change to
 // the builder would produce a different image from the same recipe, so caches
 // built by older binaries are not reused.
-const FormatVersion = 2
+const FormatVersion = 3
 
 // Key returns the recipe's cache key: a hex SHA-256 over FormatVersion, the
 // merged recipe's fields and every file of the merged files directories

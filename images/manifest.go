@@ -14,11 +14,14 @@ import (
 
 // File names inside an image directory.
 const (
-	KernelFile   = "vmlinuz"
-	InitrdFile   = "initrd.img"
-	RootfsFile   = "rootfs.img"
-	ManifestFile = "manifest.json"
-	BuildLogFile = "build.log"
+	KernelFile = "vmlinuz"
+	// KernelELFFile is the uncompressed kernel taken out of KernelFile
+	// (package vmlinux), when the build could.
+	KernelELFFile = "vmlinux"
+	InitrdFile    = "initrd.img"
+	RootfsFile    = "rootfs.img"
+	ManifestFile  = "manifest.json"
+	BuildLogFile  = "build.log"
 )
 
 // Manifest describes a built image; it is stored as manifest.json in the
@@ -34,8 +37,12 @@ type Manifest struct {
 	BuildMode     string    `json:"build_mode"`
 	KernelVersion string    `json:"kernel_version"`
 	Kernel        string    `json:"kernel"`
-	Initrd        string    `json:"initrd"`
-	Rootfs        string    `json:"rootfs"`
+	// KernelELF names the uncompressed kernel with a PVH entry point that
+	// the build took out of Kernel; empty when it could not (the build
+	// log says why). A direct boot starts it instead of Kernel.
+	KernelELF string `json:"kernel_elf,omitempty"`
+	Initrd    string `json:"initrd"`
+	Rootfs    string `json:"rootfs"`
 	// RootfsFormat is the QEMU format of Rootfs ("raw"); a per-run overlay
 	// names it with -F.
 	RootfsFormat string `json:"rootfs_format"`
@@ -60,8 +67,10 @@ type Package struct {
 
 // Image is a built image directory. Paths are absolute.
 type Image struct {
-	Dir          string
-	Kernel       string
+	Dir    string
+	Kernel string
+	// KernelELF is the uncompressed PVH kernel, or "" (Manifest.KernelELF).
+	KernelELF    string
 	Initrd       string
 	Rootfs       string
 	RootfsFormat string
@@ -91,10 +100,17 @@ func Open(dir string) (*Image, error) {
 		return nil, fmt.Errorf("image %s: %w", dir, err)
 	}
 	img := &Image{Dir: dir, RootfsFormat: m.RootfsFormat, Manifest: m}
-	for _, f := range []struct {
+	files := []struct {
 		dst  *string
 		name string
-	}{{&img.Kernel, m.Kernel}, {&img.Initrd, m.Initrd}, {&img.Rootfs, m.Rootfs}} {
+	}{{&img.Kernel, m.Kernel}, {&img.Initrd, m.Initrd}, {&img.Rootfs, m.Rootfs}}
+	if m.KernelELF != "" {
+		files = append(files, struct {
+			dst  *string
+			name string
+		}{&img.KernelELF, m.KernelELF})
+	}
+	for _, f := range files {
 		if f.name == "" || filepath.IsAbs(f.name) || strings.Contains(f.name, "/") {
 			return nil, fmt.Errorf("image %s: %s names file %q: want a plain file name", dir, ManifestFile, f.name)
 		}

@@ -261,6 +261,19 @@ func TestE2EJournalFlood(t *testing.T) {
 	assert.Contains(t, r.stderr.String(), "journalctl --file="+path, "the failure summary says how to read the journal")
 }
 
+// TestE2EPVHBoot checks that the default image's run starts the
+// uncompressed kernel through its PVH entry point (images/vmlinux), the
+// boot that skips the decompressor.
+func TestE2EPVHBoot(t *testing.T) {
+	requireE2E(t)
+	r := startRun(t, "--name", "pvh", "--keep-journal", "always", filepath.Join("testdata", "pvh-boot.service"))
+	r.wait(t)
+	out, err := exec.Command("journalctl", "--file="+filepath.Join(r.jdir, "pvh.journal"), "-u", "pvh-boot.service", "-o", "cat", "--no-pager").Output()
+	require.NoError(t, err)
+	require.Equal(t, 0, r.exitCode, "the guest's boot protocol: %s", out)
+	assert.Contains(t, string(out), "boot protocol 0x020c")
+}
+
 // TestE2EReboot checks that a guest rebooting inside a test keeps one
 // readable journal with both boots, and still reports its result.
 func TestE2EReboot(t *testing.T) {

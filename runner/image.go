@@ -27,6 +27,7 @@ func ensureImage(ctx context.Context, env *cliEnv, recipePath string) (img harne
 func bootImage(img *images.Image) harness.BootImage {
 	b := harness.BootImage{
 		Kernel:       img.Kernel,
+		KernelELF:    img.KernelELF,
 		Rootfs:       img.Rootfs,
 		RootfsFormat: img.RootfsFormat,
 		RootDevice:   img.Manifest.RootDevice,

@@ -418,7 +418,7 @@ func ms(d time.Duration) string { return fmt.Sprintf("%.2fms", float64(d)/float6
 
 // bootImage boots img as the runner does (runner's bootImage).
 func bootImage(img *images.Image) harness.BootImage {
-	b := harness.BootImage{Kernel: img.Kernel, Rootfs: img.Rootfs, RootfsFormat: img.RootfsFormat,
+	b := harness.BootImage{Kernel: img.Kernel, KernelELF: img.KernelELF, Rootfs: img.Rootfs, RootfsFormat: img.RootfsFormat,
 		RootDevice: img.Manifest.RootDevice, RootCmdline: img.Manifest.KernelCmdline}
 	if img.Manifest.BootsInitrd() {
 		b.Initrd = img.Initrd
