@@ -91,17 +91,26 @@ var (
 	tmpDirName   = regexp.MustCompile(`^\.tmp-([A-Za-z0-9][A-Za-z0-9._-]*-[0-9a-f]{16})-[0-9]+$`)
 )
 
+// SnapshotsDir is the cache's directory of snapshot templates (`run
+// --snapshot`): <image directory name>-<16 hex>/ per template, next to
+// its .lock file, its build's .tmp-<pid>/ directory and, after a failed
+// build, its .failed-console.log.
+const SnapshotsDir = "snapshots"
+
 // Prune removes the images in the cache at cacheDir except those whose
 // directories are listed in keep, the build-tree layers no run holds
-// (layer.Prune), and the leftovers of killed builds. Images and layers a
-// run is using and builds in progress are kept and reported. Lock files
-// stay: deleting a lock file others may have open would let two builders
-// of one key run at once.
+// (layer.Prune), the snapshot templates of images that are gone, and the
+// leftovers of killed builds. Images, layers and templates a run is using
+// and builds in progress are kept and reported. Lock files stay: deleting
+// a lock file others may have open would let two builders of one key run
+// at once.
 func Prune(cacheDir string, keep []string) (*PruneReport, error) {
 	rep, err := pruneImages(cacheDir, keep)
 	if rep == nil {
 		rep = &PruneReport{}
 	}
+	snapErr := pruneSnapshots(cacheDir, rep)
+	err = errors.Join(err, snapErr)
 	removed, kept, layerErr := layer.Prune(cacheDir)
 	for _, e := range removed {
 		rep.Removed = append(rep.Removed, PrunedEntry{Dir: e.Path, Bytes: e.Bytes})
@@ -158,6 +167,72 @@ func pruneImages(cacheDir string, keep []string) (*PruneReport, error) {
 	sort.Slice(rep.Removed, func(i, j int) bool { return rep.Removed[i].Dir < rep.Removed[j].Dir })
 	sort.Slice(rep.Kept, func(i, j int) bool { return rep.Kept[i].Dir < rep.Kept[j].Dir })
 	return rep, errors.Join(errs...)
+}
+
+// templateName matches snapshot template directories (<image directory
+// name>-<16 hex>) and the build directories of templates (.tmp-<pid>).
+var templateName = regexp.MustCompile(`^(([A-Za-z0-9][A-Za-z0-9._-]*-[0-9a-f]{16})-[0-9a-f]{16})(\.tmp-[0-9]+)?$`)
+
+// pruneSnapshots removes the snapshot templates whose image directory is
+// no longer in the cache (pruned now or before, or an image outside the
+// cache named by VMHARNESS_IMAGE_DIR), unless a run holds the template's
+// lock, and the build directories no builder holds. A template of an
+// image that stays is kept: runs of that image reuse it.
+func pruneSnapshots(cacheDir string, rep *PruneReport) error {
+	root := filepath.Join(cacheDir, SnapshotsDir)
+	entries, err := os.ReadDir(root)
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("snapshot template cache: %w", err)
+	}
+	var errs []error
+	for _, e := range entries {
+		if name, ok := strings.CutSuffix(e.Name(), ".failed-console.log"); ok && e.Type().IsRegular() {
+			// A failed build's console, kept for its image's next runs.
+			if m := templateName.FindStringSubmatch(name); m != nil && m[3] == "" && !isDir(filepath.Join(cacheDir, "images", m[2])) {
+				path := filepath.Join(root, e.Name())
+				size := layer.DiskUsage(path)
+				if err := os.Remove(path); err != nil {
+					errs = append(errs, err)
+				} else {
+					rep.Removed = append(rep.Removed, PrunedEntry{Dir: path, Bytes: size})
+				}
+			}
+			continue
+		}
+		m := templateName.FindStringSubmatch(e.Name())
+		if !e.IsDir() || m == nil {
+			continue // lock files and what is not ours
+		}
+		template, image, building := m[1], m[2], m[3] != ""
+		dir := filepath.Join(root, e.Name())
+		size := layer.DiskUsage(dir)
+		if !building && isDir(filepath.Join(cacheDir, "images", image)) {
+			rep.Kept = append(rep.Kept, PrunedEntry{Dir: dir, Bytes: size, Reason: "snapshot template of a kept image"})
+			continue
+		}
+		reason, err := removeIfUnused(dir, filepath.Join(root, template+".lock"))
+		switch {
+		case err != nil:
+			errs = append(errs, err)
+		case reason != "" && building:
+			rep.Kept = append(rep.Kept, PrunedEntry{Dir: dir, Bytes: size, Reason: "a snapshot template is being built"})
+		case reason != "":
+			rep.Kept = append(rep.Kept, PrunedEntry{Dir: dir, Bytes: size, Reason: "snapshot template in use by a run"})
+		default:
+			rep.Removed = append(rep.Removed, PrunedEntry{Dir: dir, Bytes: size})
+		}
+	}
+	sort.Slice(rep.Removed, func(i, j int) bool { return rep.Removed[i].Dir < rep.Removed[j].Dir })
+	sort.Slice(rep.Kept, func(i, j int) bool { return rep.Kept[i].Dir < rep.Kept[j].Dir })
+	return errors.Join(errs...)
+}
+
+func isDir(path string) bool {
+	info, err := os.Stat(path)
+	return err == nil && info.IsDir()
 }
 
 // removeIfUnused removes dir if it can take lockPath exclusively at once;

@@ -11,6 +11,7 @@ import (
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+	"golang.org/x/sys/unix"
 )
 
 // fakeImageDir makes a cache entry with placeholder image files.
@@ -164,4 +165,74 @@ func TestPruneLayers(t *testing.T) {
 	assert.Equal(t, map[string]string{filepath.Base(held): "in use by a run (or being written)"}, dirs(rep.Kept))
 	assert.NoFileExists(t, unused)
 	assert.FileExists(t, held)
+}
+
+func TestPruneSnapshotTemplates(t *testing.T) {
+	cache := t.TempDir()
+	images := filepath.Join(cache, "images")
+	snaps := filepath.Join(cache, SnapshotsDir)
+	const (
+		current  = "default-aaaaaaaaaaaaaaaa"
+		old      = "default-bbbbbbbbbbbbbbbb"
+		outside  = "my-image-cccccccccccccccc" // VMHARNESS_IMAGE_DIR, not in the cache
+		shapeA   = "-1111111111111111"
+		shapeB   = "-2222222222222222"
+		building = ".tmp-4242"
+	)
+	for _, d := range []string{current, old} {
+		fakeImageDir(t, filepath.Join(images, d))
+	}
+	for _, d := range []string{current + shapeA, current + shapeB, old + shapeA, old + shapeB, outside + shapeA, old + shapeA + building, current + shapeA + building} {
+		writeFile(t, filepath.Join(snaps, d, "state"), "migration stream of "+d)
+	}
+	writeFile(t, filepath.Join(snaps, old+shapeB+".failed-console.log"), "why the template did not build")
+	writeFile(t, filepath.Join(snaps, current+shapeB+".failed-console.log"), "kept with its image")
+	writeFile(t, filepath.Join(snaps, "not-a-template", "keep-me"), "x")
+
+	// A run restores from old's template A; a run builds current's
+	// template A (its .tmp dir) and holds that template's lock.
+	inUse, err := holdShared(filepath.Join(snaps, old+shapeB+".lock"), true)
+	require.NoError(t, err)
+	builder, err := os.OpenFile(filepath.Join(snaps, current+shapeA+".lock"), os.O_RDWR|os.O_CREATE, 0o644)
+	require.NoError(t, err)
+	require.NoError(t, unix.Flock(int(builder.Fd()), unix.LOCK_EX))
+
+	rep, err := Prune(cache, []string{filepath.Join(images, current)})
+	require.NoError(t, err)
+	assert.Equal(t, map[string]string{
+		old:                                  "",
+		old + shapeA:                         "",
+		outside + shapeA:                     "",
+		old + shapeA + building:              "",
+		old + shapeB + ".failed-console.log": "",
+	}, dirs(rep.Removed))
+	assert.Equal(t, map[string]string{
+		current:                     "current recipe",
+		current + shapeA:            "snapshot template of a kept image",
+		current + shapeB:            "snapshot template of a kept image",
+		old + shapeB:                "snapshot template in use by a run",
+		current + shapeA + building: "a snapshot template is being built",
+	}, dirs(rep.Kept))
+	for _, e := range rep.Removed {
+		assert.NoFileExists(t, e.Dir)
+		assert.NoDirExists(t, e.Dir)
+	}
+	assert.FileExists(t, filepath.Join(snaps, current+shapeB+".failed-console.log"))
+	assert.DirExists(t, filepath.Join(snaps, "not-a-template"), "directories that are not templates stay")
+	assert.FileExists(t, filepath.Join(snaps, old+shapeA+".lock"), "lock files stay")
+
+	// Once the runs are over, --all takes every template.
+	inUse()
+	builder.Close()
+	rep, err = Prune(cache, nil)
+	require.NoError(t, err)
+	assert.Equal(t, map[string]string{
+		current:                                  "",
+		current + shapeA:                         "",
+		current + shapeB:                         "",
+		old + shapeB:                             "",
+		current + shapeA + building:              "",
+		current + shapeB + ".failed-console.log": "",
+	}, dirs(rep.Removed))
+	assert.Empty(t, rep.Kept)
 }

@@ -1,10 +1,15 @@
 package runner
 
 import (
+	"os/exec"
+	"path/filepath"
 	"strings"
 	"testing"
 
 	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/vmharness/vmharness/images"
 )
 
 // TestE2ESnapshot starts a passing and a failing unit from the snapshot
@@ -35,6 +40,30 @@ func TestE2ESnapshot(t *testing.T) {
 			r.assertNothingLeft(t, 0)
 		})
 	}
+	t.Run("prune", func(t *testing.T) {
+		// A cache of its own: the template is built anew in it, and
+		// prune --all takes it with the image.
+		bin := vmharnessBinary(t)
+		cache, _, current := privateImageCache(t)
+		t.Setenv("VMHARNESS_CACHE_DIR", cache)
+		r := startRun(t, "--snapshot", "--timeout", "8m", testUnitPath("boot.service"))
+		r.wait(t)
+		require.Equal(t, 0, r.exitCode)
+		templates, err := filepath.Glob(filepath.Join(cache, images.SnapshotsDir, filepath.Base(current)+"-*[0-9a-f]"))
+		require.NoError(t, err)
+		require.Len(t, templates, 1, "the run's template")
+
+		out, err := exec.Command(bin, "image", "prune").CombinedOutput()
+		require.NoError(t, err, "%s", out)
+		assert.Contains(t, string(out), "kept "+templates[0])
+		assert.DirExists(t, templates[0], "the current image's template stays")
+
+		out, err = exec.Command(bin, "image", "prune", "--all").CombinedOutput()
+		require.NoError(t, err, "%s", out)
+		assert.Contains(t, string(out), "removed "+templates[0])
+		assert.NoDirExists(t, templates[0])
+		assert.NoDirExists(t, current)
+	})
 	t.Run("unsupported", func(t *testing.T) {
 		r := startRun(t, "--snapshot", "--kernel-arg", "quiet", testUnitPath("boot.service"))
 		r.wait(t)

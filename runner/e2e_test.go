@@ -448,16 +448,18 @@ func TestE2EShell(t *testing.T) {
 // image (hard links to the real one) and an older image, and prunes that
 // cache with --all while the run is up: the running test's image must
 // stay and the old one go; once the run is over, prune removes it too.
-func TestE2EImagePrune(t *testing.T) {
-	requireE2E(t)
-	bin := vmharnessBinary(t)
-	built, err := exec.Command(bin, "image", "build").Output()
+// privateImageCache makes a cache directory of its own holding the
+// default image (hard links to the real cache's files, or copies), so a
+// test may prune it; the caller sets VMHARNESS_CACHE_DIR to cache.
+func privateImageCache(t *testing.T) (cache, realDir, current string) {
+	t.Helper()
+	built, err := exec.Command(vmharnessBinary(t), "image", "build").Output()
 	require.NoError(t, err)
 	lines := strings.Split(strings.TrimSpace(string(built)), "\n")
-	realDir := lines[len(lines)-1]
+	realDir = lines[len(lines)-1]
 
-	cache := t.TempDir()
-	current := filepath.Join(cache, "images", filepath.Base(realDir))
+	cache = t.TempDir()
+	current = filepath.Join(cache, "images", filepath.Base(realDir))
 	require.NoError(t, os.MkdirAll(current, 0o755))
 	entries, err := os.ReadDir(realDir)
 	require.NoError(t, err)
@@ -468,6 +470,13 @@ func TestE2EImagePrune(t *testing.T) {
 			require.NoError(t, err, "%s", out)
 		}
 	}
+	return cache, realDir, current
+}
+
+func TestE2EImagePrune(t *testing.T) {
+	requireE2E(t)
+	bin := vmharnessBinary(t)
+	cache, realDir, current := privateImageCache(t)
 	old := filepath.Join(cache, "images", "default-0123456789abcdef")
 	for _, f := range []string{"vmlinuz", "initrd.img", "rootfs.img"} {
 		writeTestFile(t, filepath.Join(old, f), f)

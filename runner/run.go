@@ -112,13 +112,15 @@ func (r *testRun) run(ctx context.Context) int {
 		if err != nil {
 			return r.fail("%v", err)
 		}
-		snapshotDir, err = ensureSnapshotTemplate(ctx, r, harness.TemplateConfig{
+		var releaseTemplate func()
+		snapshotDir, releaseTemplate, err = ensureSnapshotTemplate(ctx, r, harness.TemplateConfig{
 			QEMU: getenv("VMHARNESS_QEMU"), Image: timg, MemoryMiB: opts.memoryMiB, CPUs: opts.cpus,
 			Accel: accel, BootTimeout: 45 * time.Second * accel.TimeoutScale(), Logf: r.logf,
 		})
 		if err != nil {
 			return r.fail("%v", err)
 		}
+		defer releaseTemplate()
 	}
 
 	stateDir, err := sshkey.StateDir(getenv)
