@@ -146,7 +146,7 @@ func hostPhases(stderr string, r map[string]float64) {
 // guestPhases reads the journal's monotonic timestamps of the phase marks.
 func guestPhases(journal, unit string, r map[string]float64) error {
 	out, err := exec.Command("journalctl", "--file="+journal, "-o", "json", "--no-pager",
-		"--output-fields=MESSAGE,_PID,_TRANSPORT,SYSLOG_IDENTIFIER,_SOURCE_MONOTONIC_TIMESTAMP,__MONOTONIC_TIMESTAMP").Output()
+		"--output-fields=MESSAGE,_PID,_UID,_TRANSPORT,SYSLOG_IDENTIFIER,_SOURCE_MONOTONIC_TIMESTAMP,__MONOTONIC_TIMESTAMP").Output()
 	if err != nil {
 		return fmt.Errorf("reading %s: %w", journal, err)
 	}
@@ -186,9 +186,12 @@ func guestPhases(journal, unit string, r map[string]float64) error {
 			// PID 1's banner: logged to the kernel log before journald
 			// runs, so it comes in with the kernel's transport.
 			first("pid1", t)
-		case e["SYSLOG_IDENTIFIER"] == "vmharness-journal-marker":
+		case e["SYSLOG_IDENTIFIER"] == "vmharness-journal-marker" || e["_UID"] == "0" && strings.HasPrefix(msg, "vmharness-journal-marker "):
 			// Logged by the test's ExecStopPost= once its main process
-			// has exited. A runner that stops the VM as soon as it has
+			// has exited: an entry with the message "vmharness-journal-marker
+			// <invocation ID>" from root, or, from binaries before that,
+			// one with the identifier vmharness-journal-marker (through
+			// systemd-cat). A runner that stops the VM as soon as it has
 			// the marker may never receive PID 1's "Finished" line.
 			first("unit end", t)
 		case e["_PID"] == "1":
