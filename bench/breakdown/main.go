@@ -43,6 +43,8 @@ var phases = []phase{
 	{"basic.target", "guest: PID 1 start to basic.target"},
 	{"unit start", "guest: basic.target to the test unit's start"},
 	{"unit", "guest: the test unit, start to finish"},
+	{"unit stop", "guest: the journal marker to PID 1's line that the test unit finished, the rest of its ExecStopPost= (only with --full-shutdown: the runner otherwise stops the VM first)"},
+	{"unit, whole", "guest: the test unit's start to PID 1's line that it finished (only with --full-shutdown)"},
 	{"host: first message", "host: QEMU start to the guest's first notify message"},
 	{"host: test result", "host: QEMU start to the test's result"},
 	{"host: exit status", "host: QEMU start to PID 1's final EXIT_STATUS"},
@@ -203,6 +205,7 @@ func guestPhases(journal, unit string, r map[string]float64) error {
 			}
 			if strings.HasPrefix(msg, "Finished "+name) || strings.HasPrefix(msg, name+": Deactivated successfully") {
 				first("unit end", t)
+				first("unit finished", t)
 			}
 		}
 	}
@@ -217,6 +220,10 @@ func guestPhases(journal, unit string, r map[string]float64) error {
 	r["basic.target"] = marks["basic"] - marks["pid1"]
 	r["unit start"] = marks["unit start"] - marks["basic"]
 	r["unit"] = marks["unit end"] - marks["unit start"]
+	if t, ok := marks["unit finished"]; ok {
+		r["unit stop"] = t - marks["unit end"]
+		r["unit, whole"] = t - marks["unit start"]
+	}
 	return nil
 }
 

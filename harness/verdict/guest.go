@@ -174,6 +174,7 @@ func (g GuestSetup) units() []guestUnit {
 			// vCPUs), and the report waits for both; if systemctl fails,
 			// read gets nothing and the state is empty, which the host
 			// takes as unknown (no early stop), as an empty $(...) was.
+			// journalctl gets /dev/null for stdin: the pipe is read's.
 			`systemctl is-system-running | {`,
 			`echo "`+JournalMarkerPrefix+` $$INVOCATION_ID";`,
 			"/usr/bin/journalctl --sync </dev/null;",
