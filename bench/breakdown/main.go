@@ -43,6 +43,8 @@ var phases = []phase{
 	{"basic.target", "guest: PID 1 start to basic.target"},
 	{"unit start", "guest: basic.target to the test unit's start"},
 	{"unit", "guest: the test unit, start to finish"},
+	{"unit stop", "guest: the journal marker to PID 1's line that the test unit finished, the rest of its ExecStopPost= (only with --full-shutdown: the runner otherwise stops the VM first)"},
+	{"unit, whole", "guest: the test unit's start to PID 1's line that it finished (only with --full-shutdown)"},
 	{"host: first message", "host: QEMU start to the guest's first notify message"},
 	{"host: test result", "host: QEMU start to the test's result"},
 	{"host: exit status", "host: QEMU start to PID 1's final EXIT_STATUS"},
@@ -146,7 +148,7 @@ func hostPhases(stderr string, r map[string]float64) {
 // guestPhases reads the journal's monotonic timestamps of the phase marks.
 func guestPhases(journal, unit string, r map[string]float64) error {
 	out, err := exec.Command("journalctl", "--file="+journal, "-o", "json", "--no-pager",
-		"--output-fields=MESSAGE,_PID,_TRANSPORT,SYSLOG_IDENTIFIER,_SOURCE_MONOTONIC_TIMESTAMP,__MONOTONIC_TIMESTAMP").Output()
+		"--output-fields=MESSAGE,_PID,_UID,_TRANSPORT,SYSLOG_IDENTIFIER,_SOURCE_MONOTONIC_TIMESTAMP,__MONOTONIC_TIMESTAMP").Output()
 	if err != nil {
 		return fmt.Errorf("reading %s: %w", journal, err)
 	}
@@ -186,9 +188,12 @@ func guestPhases(journal, unit string, r map[string]float64) error {
 			// PID 1's banner: logged to the kernel log before journald
 			// runs, so it comes in with the kernel's transport.
 			first("pid1", t)
-		case e["SYSLOG_IDENTIFIER"] == "vmharness-journal-marker":
+		case e["SYSLOG_IDENTIFIER"] == "vmharness-journal-marker" || e["_UID"] == "0" && strings.HasPrefix(msg, "vmharness-journal-marker "):
 			// Logged by the test's ExecStopPost= once its main process
-			// has exited. A runner that stops the VM as soon as it has
+			// has exited: an entry with the message "vmharness-journal-marker
+			// <invocation ID>" from root, or, from binaries before that,
+			// one with the identifier vmharness-journal-marker (through
+			// systemd-cat). A runner that stops the VM as soon as it has
 			// the marker may never receive PID 1's "Finished" line.
 			first("unit end", t)
 		case e["_PID"] == "1":
@@ -200,6 +205,7 @@ func guestPhases(journal, unit string, r map[string]float64) error {
 			}
 			if strings.HasPrefix(msg, "Finished "+name) || strings.HasPrefix(msg, name+": Deactivated successfully") {
 				first("unit end", t)
+				first("unit finished", t)
 			}
 		}
 	}
@@ -214,6 +220,10 @@ func guestPhases(journal, unit string, r map[string]float64) error {
 	r["basic.target"] = marks["basic"] - marks["pid1"]
 	r["unit start"] = marks["unit start"] - marks["basic"]
 	r["unit"] = marks["unit end"] - marks["unit start"]
+	if t, ok := marks["unit finished"]; ok {
+		r["unit stop"] = t - marks["unit end"]
+		r["unit, whole"] = t - marks["unit start"]
+	}
 	return nil
 }
 

@@ -71,11 +71,15 @@ type GuestSetup struct {
 	KeepOnFailure bool
 }
 
-// JournalMarkerIdentifier is the SYSLOG_IDENTIFIER of the journal entry
-// the test unit logs, with its invocation ID as the message, right before
-// it reports its result: once the host has that entry, it has the test's
-// whole journal.
-const JournalMarkerIdentifier = "vmharness-journal-marker"
+// JournalMarkerPrefix starts the MESSAGE of the journal entry the test
+// unit logs right before it reports its result: the prefix, a space and
+// the unit's invocation ID. Once the host has that entry, it has the
+// test's whole journal. The entry is the ExecStopPost= shell's own echo on
+// its stdout stream, which saves an exec of systemd-cat under TCG; its
+// SYSLOG_IDENTIFIER is then the stream's ("sh", or the unit's
+// SyslogIdentifier=), so the host knows it by this text and _UID=0 (the
+// command runs with "+").
+const JournalMarkerPrefix = "vmharness-journal-marker"
 
 // waitForCoredumps waits until no process is dumping core, 3 minutes at
 // most (900 times 0.2 s): under TCG a small process's dump takes 5-10 s.
@@ -157,15 +161,25 @@ func (g GuestSetup) units() []guestUnit {
 			// processed (and so forwarded) everything queued. The marker
 			// before it lets the host see when the journal up to here has
 			// arrived: it is forwarded after every line the test logged.
-			// The shell's own echo: a fork, not an exec of /bin/echo.
-			`echo "$$INVOCATION_ID" | /usr/bin/systemd-cat -t `+JournalMarkerIdentifier+`;`,
-			"/usr/bin/journalctl --sync;",
+			// The marker is the shell's own echo on its stdout, a journald
+			// stream of the test unit like systemd-cat's was: no exec.
+			//
 			// The unit's own result goes to the host: the exit status PID
 			// 1 forwards cannot tell a failure with status 123 from the
-			// success action. With it goes the manager's state:
-			// "stopping" means a shutdown is already under way, and PID 1
-			// then skips the success action.
-			fmt.Sprintf(`%s %s="$$SERVICE_RESULT" %s="$$EXIT_CODE" %s="$$EXIT_STATUS" %s="$$(systemctl is-system-running)" %s="$$INVOCATION_ID"`,
+			// success action. With it goes the manager's state, sampled
+			// now that the unit's main process has ended: "stopping"
+			// means a shutdown is already under way, and PID 1 then skips
+			// the success action. systemctl runs at the head of a pipe,
+			// alongside the marker and the sync (the guest has two
+			// vCPUs), and the report waits for both; if systemctl fails,
+			// read gets nothing and the state is empty, which the host
+			// takes as unknown (no early stop), as an empty $(...) was.
+			// journalctl gets /dev/null for stdin: the pipe is read's.
+			`systemctl is-system-running | {`,
+			`echo "`+JournalMarkerPrefix+` $$INVOCATION_ID";`,
+			"/usr/bin/journalctl --sync </dev/null;",
+			`read -r s;`,
+			fmt.Sprintf(`%s %s="$$SERVICE_RESULT" %s="$$EXIT_CODE" %s="$$EXIT_STATUS" %s="$$s" %s="$$INVOCATION_ID"; }`,
 				notify, FieldTestResult, FieldTestExitCode, FieldTestExitStatus, FieldSystemState, FieldInvocation))),
 		// One command, not four: under TCG each ExecStopPost= costs PID 1
 		// a fork and an exec of systemd-executor, about a tenth of a

@@ -1,6 +1,10 @@
 package verdict
 
 import (
+	"bytes"
+	"os"
+	"os/exec"
+	"path/filepath"
 	"strings"
 	"testing"
 
@@ -28,16 +32,17 @@ func TestGuestSetupFiles(t *testing.T) {
 	// The journal is synced before the result is reported, and both before
 	// the success or failure action powers the VM off.
 	assert.Equal(t, 1, strings.Count(dropin, "\nExecStopPost="), "one command: each costs PID 1 an executor under TCG")
-	assert.Contains(t, dropin, `done; echo "$$INVOCATION_ID" | /usr/bin/systemd-cat -t vmharness-journal-marker; /usr/bin/journalctl --sync; `+
+	assert.Contains(t, dropin, `done; systemctl is-system-running | { echo "vmharness-journal-marker $$INVOCATION_ID"; /usr/bin/journalctl --sync </dev/null; read -r s; `+
 		`NOTIFY_SOCKET=vsock-stream:2:9 /usr/bin/systemd-notify --no-block `+
 		`X_VMHARNESS_TEST_RESULT="$$SERVICE_RESULT" X_VMHARNESS_TEST_EXIT_CODE="$$EXIT_CODE" X_VMHARNESS_TEST_EXIT_STATUS="$$EXIT_STATUS" `+
-		`X_VMHARNESS_SYSTEM_STATE="$$(systemctl is-system-running)" X_VMHARNESS_INVOCATION="$$INVOCATION_ID"'`+"\n", dropin,
+		`X_VMHARNESS_SYSTEM_STATE="$$s" X_VMHARNESS_INVOCATION="$$INVOCATION_ID"; }'`+"\n", dropin,
 		"after core dumps in progress: the journal marker, the sync, then the report, so the result is reported once the journal is complete")
+	assert.NotContains(t, dropin, "systemd-cat", "the marker is the shell's own echo: no exec")
 	assert.NotContains(t, dropin, "Environment=", "the test's own processes must not see the host's notify socket")
 	// Core dumps in progress are waited for before the journal marker and
 	// the sync, so that they reach the host's journal before it stops the
 	// VM.
-	assert.Regexp(t, `ExecStopPost=-\+/bin/sh -c 'i=0; while grep -qs "\^CoreDumping:\[\[:space:\]\]\*1" /proc/\[0-9\]\*/status; do .*done; echo "\$\$INVOCATION_ID" \| /usr/bin/systemd-cat `, dropin)
+	assert.Regexp(t, `ExecStopPost=-\+/bin/sh -c 'i=0; while grep -qs "\^CoreDumping:\[\[:space:\]\]\*1" /proc/\[0-9\]\*/status; do .*done; systemctl is-system-running \| \{ echo "vmharness-journal-marker `, dropin)
 	assert.NotContains(t, waitForCoredumps, "exit", "the wait must not end the command before the marker and the report")
 
 	check := plain["systemd.extra-unit."+ConditionCheckUnit]
@@ -72,5 +77,68 @@ func TestGuestUnitsReadBack(t *testing.T) {
 			require.NoError(t, err, u.credential)
 			assert.Equal(t, u.options, unitfile.Options(lines), u.credential)
 		}
+	}
+}
+
+// TestReportCommandRuns runs the test unit's ExecStopPost= script with
+// sh, as systemd would after "$$" becomes "$", with fakes for journalctl,
+// systemd-notify and systemctl: the marker comes first, the report only
+// after the sync, systemctl runs alongside the marker and the sync, and
+// its state (or none) is what the report carries.
+func TestReportCommandRuns(t *testing.T) {
+	if _, err := os.Stat("/bin/sh"); err != nil {
+		t.Skip("no /bin/sh")
+	}
+	var script string
+	for _, o := range (GuestSetup{Unit: "t.service", NotifyAddress: "vsock-stream:2:9"}).units()[0].options {
+		if o.Name == "ExecStopPost" {
+			script = o.Value
+		}
+	}
+	script, ok := strings.CutPrefix(script, "-+/bin/sh -c '")
+	require.True(t, ok, script)
+	script, ok = strings.CutSuffix(script, "'")
+	require.True(t, ok, script)
+	script = strings.ReplaceAll(script, "$$", "$")
+
+	// systemctl and journalctl each wait (5 s at most) until the other
+	// has started: both finish only when they run at the same time.
+	meet := func(mine, theirs string) string {
+		return `touch "$DIR/` + mine + `.started"; i=0; while ! test -e "$DIR/` + theirs + `.started"; do ` +
+			`i=$((i+1)); if test $i -gt 500; then echo "` + mine + ` ran alone" >&2; exit 3; fi; sleep 0.01; done; `
+	}
+	tests := []struct {
+		name, systemctl, env string
+		wantState            string
+	}{
+		{"running", `echo running`, "", "running"},
+		{"degraded exits 1", `echo degraded; exit 1`, "", "degraded"},
+		{"systemctl fails", `echo "Failed to connect to bus" >&2; exit 1`, "", ""},
+		{"systemctl fails, s in the unit's environment", `exit 1`, "s=stale", ""},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			dir := t.TempDir()
+			fake := func(name, body string) {
+				require.NoError(t, os.WriteFile(filepath.Join(dir, name), []byte("#!/bin/sh\n"+body+"\n"), 0o755))
+			}
+			fake("systemctl", `test "$*" = is-system-running || exit 9; `+meet("systemctl", "journalctl")+tt.systemctl)
+			fake("journalctl", `test "$*" = --sync || exit 9; `+meet("journalctl", "systemctl")+`echo synced`)
+			fake("systemd-notify", `echo "notify NOTIFY_SOCKET=$NOTIFY_SOCKET $*"`)
+			s := strings.ReplaceAll(script, "/usr/bin/", dir+"/")
+			cmd := exec.Command("/bin/sh", "-c", s)
+			cmd.Env = []string{"PATH=" + dir + ":/usr/bin:/bin", "DIR=" + dir, "INVOCATION_ID=inv1",
+				"SERVICE_RESULT=exit-code", "EXIT_CODE=exited", "EXIT_STATUS=3"}
+			if tt.env != "" {
+				cmd.Env = append(cmd.Env, tt.env)
+			}
+			var stdout, stderr bytes.Buffer
+			cmd.Stdout, cmd.Stderr = &stdout, &stderr
+			require.NoError(t, cmd.Run(), stderr.String())
+			assert.NotContains(t, stderr.String(), "ran alone")
+			assert.Equal(t, "vmharness-journal-marker inv1\nsynced\n"+
+				"notify NOTIFY_SOCKET=vsock-stream:2:9 --no-block X_VMHARNESS_TEST_RESULT=exit-code X_VMHARNESS_TEST_EXIT_CODE=exited "+
+				"X_VMHARNESS_TEST_EXIT_STATUS=3 X_VMHARNESS_SYSTEM_STATE="+tt.wantState+" X_VMHARNESS_INVOCATION=inv1\n", stdout.String())
+		})
 	}
 }
