@@ -99,7 +99,7 @@ type Config struct {
 	// test's failure as the outcome. Returning 0 stops the VM at once.
 	KeepOnFailure func(o Outcome) time.Duration
 	// JournalHas reports whether the test's journal has the marker entry
-	// the test unit logs before its report (verdict.JournalMarkerPrefix);
+	// the test unit logs before its report (verdict.JournalMarkerIdentifier);
 	// a decided run waits for it before stopping the VM. Nil: no journal.
 	JournalHas func(marker string) bool
 	// FullShutdown lets the guest shut down by itself after the test

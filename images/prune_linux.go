@@ -170,8 +170,10 @@ func pruneImages(cacheDir string, keep []string) (*PruneReport, error) {
 }
 
 // templateName matches snapshot template directories (<image directory
-// name>-<16 hex>) and the build directories of templates (.tmp-<pid>).
-var templateName = regexp.MustCompile(`^(([A-Za-z0-9][A-Za-z0-9._-]*-[0-9a-f]{16})-[0-9a-f]{16})(\.tmp-[0-9]+)?$`)
+// name>-<16 hex>, the image's directory a cache entry or any directory
+// VMHARNESS_IMAGE_DIR named) and the build directories of templates
+// (.tmp-<pid>).
+var templateName = regexp.MustCompile(`^(([^.].*)-[0-9a-f]{16})(\.tmp-[0-9]+)?$`)
 
 // pruneSnapshots removes the snapshot templates whose image directory is
 // no longer in the cache (pruned now or before, or an image outside the

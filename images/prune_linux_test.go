@@ -174,7 +174,7 @@ func TestPruneSnapshotTemplates(t *testing.T) {
 	const (
 		current  = "default-aaaaaaaaaaaaaaaa"
 		old      = "default-bbbbbbbbbbbbbbbb"
-		outside  = "my-image-cccccccccccccccc" // VMHARNESS_IMAGE_DIR, not in the cache
+		outside  = "my image" // VMHARNESS_IMAGE_DIR=/srv/my image, not in the cache
 		shapeA   = "-1111111111111111"
 		shapeB   = "-2222222222222222"
 		building = ".tmp-4242"

@@ -34,10 +34,9 @@ type Config struct {
 	DrainTimeout time.Duration
 	// Limits bound one guest entry; zero fields take DefaultLimits.
 	Limits Limits
-	// MarkerPrefix starts the MESSAGE of marker entries: an entry from
-	// UID 0 whose MESSAGE is the prefix, a space and the marker's text (see
-	// HasMarker). Empty means none are tracked.
-	MarkerPrefix string
+	// MarkerIdentifier is the SYSLOG_IDENTIFIER of marker entries (see
+	// HasMarker); empty means none are tracked.
+	MarkerIdentifier string
 }
 
 // Collector turns the guest's journal streams of one test into a journal
@@ -96,7 +95,7 @@ func New(cfg Config) (*Collector, error) {
 		conns:      make(map[net.Conn]struct{}),
 		sum:        newSummarizer(cfg.TestUnit, cfg.SummaryLines),
 	}
-	c.sum.markerPrefix = cfg.MarkerPrefix
+	c.sum.markerID = cfg.MarkerIdentifier
 	// A rerun must not append to the previous run's journal.
 	if err := removeFiles(c.outputFiles()); err != nil {
 		return nil, fmt.Errorf("removing the previous run's journal: %w", err)
@@ -399,8 +398,8 @@ func removeFiles(files []string) error {
 	return errors.Join(errs...)
 }
 
-// HasMarker reports whether a marker entry (Config.MarkerPrefix) with
-// the text has arrived: the guest logs one to learn when the host
+// HasMarker reports whether an entry with Config.MarkerIdentifier and
+// the message text has arrived: the guest logs one to learn when the host
 // has its journal up to that point, entries arriving in order.
 func (c *Collector) HasMarker(text string) bool { return c.sum.hasMarker(text) }
 

@@ -252,10 +252,10 @@ type summarizer struct {
 	// unitResults holds the unit's result per canonical boot ID (at most
 	// maxBoots); the last boot's is the one that counts.
 	unitResults map[string]*UnitResult
-	// markerPrefix starts the MESSAGE of marker entries (Config.MarkerPrefix);
-	// markers holds the last few markers' texts.
-	markerPrefix string
-	markers      []string
+	// markerID is the SYSLOG_IDENTIFIER of marker entries; markers holds
+	// the last few markers' texts.
+	markerID string
+	markers  []string
 	// found are the core dumps and sanitizer reports (findings.go).
 	found findings
 }
@@ -398,11 +398,11 @@ func (s *summarizer) observe(e *Entry, info entryInfo) {
 	if s.unit != "" && string(f.pid) == "1" && string(f.unit) == s.unit {
 		s.noteUnitResult(&f)
 	}
-	if text, ok := markerText(f.message, f.uid, s.markerPrefix); ok {
+	if s.markerID != "" && string(f.identifier) == s.markerID && string(f.uid) == "0" {
 		if len(s.markers) == maxMarkers {
 			s.markers = s.markers[1:]
 		}
-		s.markers = append(s.markers, string(clip(text, 64)))
+		s.markers = append(s.markers, string(clip(bytes.TrimSpace(f.message), 64)))
 	}
 	if s.unit != "" && s.aboutUnit(&f) {
 		s.sum.UnitLinesTotal++
@@ -491,20 +491,6 @@ func (s *summarizer) noteBoot(id []byte) {
 	if len(s.sum.Boots) < maxBoots {
 		s.sum.Boots = append(s.sum.Boots, s.lastBoot)
 	}
-}
-
-// markerText returns the text of a marker entry: one from UID 0 whose
-// MESSAGE is the prefix, a space and the text (a trailing newline
-// ignored). Root alone logs markers; the entry's SYSLOG_IDENTIFIER is
-// whatever its stream's is.
-func markerText(message, uid []byte, prefix string) ([]byte, bool) {
-	n := len(prefix)
-	if prefix == "" || string(uid) != "0" || len(message) <= n+1 ||
-		string(message[:n]) != prefix || message[n] != ' ' {
-		return nil, false
-	}
-	text := bytes.TrimSpace(message[n+1:])
-	return text, len(text) > 0
 }
 
 // aboutUnit mirrors `journalctl -u UNIT`: the unit's own output, its core

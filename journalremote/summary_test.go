@@ -218,53 +218,19 @@ func TestSummaryUnitResult(t *testing.T) {
 	}
 }
 
-func TestMarkerText(t *testing.T) {
-	const prefix = "vmharness-journal-marker"
-	tests := []struct {
-		name, message, uid string
-		want               string // "" for no marker
-	}{
-		{"the guest's echo", prefix + " abc123\n", "0", "abc123"},
-		{"without a newline", prefix + " abc123", "0", "abc123"},
-		{"only root logs markers", prefix + " abc123", "1000", ""},
-		{"no _UID", prefix + " abc123", "", ""},
-		{"the prefix alone", prefix, "0", ""},
-		{"the prefix and a space", prefix + " \n", "0", ""},
-		{"a longer word", prefix + "x abc123", "0", ""},
-		{"the prefix inside a line", "echo " + prefix + " abc123", "0", ""},
-		{"no space", prefix + "abc123", "0", ""},
-	}
-	for _, tt := range tests {
-		t.Run(tt.name, func(t *testing.T) {
-			text, ok := markerText([]byte(tt.message), []byte(tt.uid), prefix)
-			assert.Equal(t, tt.want != "", ok)
-			assert.Equal(t, tt.want, string(text))
-		})
-	}
-	_, ok := markerText([]byte(prefix+" abc123"), []byte("0"), "")
-	assert.False(t, ok, "no prefix configured: no markers")
-}
-
 func TestSummaryMarkers(t *testing.T) {
 	s := newSummarizer("foo.service", 3)
-	s.markerPrefix = "vmharness-journal-marker"
+	s.markerID = "vmharness-journal-marker"
 	feed(s,
-		// The test unit's ExecStopPost= shell's echo: its stream's
-		// identifier, not one of ours.
-		[]string{"_UID=0", "_SYSTEMD_UNIT=foo.service", "SYSLOG_IDENTIFIER=sh", "_PID=42", "MESSAGE=vmharness-journal-marker abc123\n"},
-		[]string{"_UID=1000", "SYSLOG_IDENTIFIER=sh", "MESSAGE=vmharness-journal-marker forged"},
-		[]string{"_UID=0", "SYSLOG_IDENTIFIER=vmharness-journal-marker", "MESSAGE=def456"},
+		[]string{"_UID=0", "SYSLOG_IDENTIFIER=vmharness-journal-marker", "MESSAGE=abc123\n"},
+		[]string{"_UID=1000", "SYSLOG_IDENTIFIER=vmharness-journal-marker", "MESSAGE=forged"},
+		[]string{"_UID=0", "SYSLOG_IDENTIFIER=other", "MESSAGE=def456"},
 	)
 	assert.True(t, s.hasMarker("abc123"))
 	assert.False(t, s.hasMarker("forged"), "only root logs markers")
-	assert.False(t, s.hasMarker("def456"), "the message, not the identifier, makes a marker")
-	// The marker is the unit's own output, as systemd-cat's was, so it
-	// shows among the unit's lines as `journalctl -u` shows it.
-	sum := s.snapshot()
-	assert.Equal(t, int64(1), sum.UnitLinesTotal)
-	assert.Equal(t, []string{"sh[42]: vmharness-journal-marker abc123\\n"}, stripTime(sum.UnitLines))
+	assert.False(t, s.hasMarker("def456"), "only the marker identifier counts")
 	for i := range 2 * maxMarkers {
-		feed(s, []string{"_UID=0", "MESSAGE=vmharness-journal-marker m" + strconv.Itoa(i)})
+		feed(s, []string{"_UID=0", "SYSLOG_IDENTIFIER=vmharness-journal-marker", "MESSAGE=m" + strconv.Itoa(i)})
 	}
 	assert.True(t, s.hasMarker("m"+strconv.Itoa(2*maxMarkers-1)))
 	assert.False(t, s.hasMarker("abc123"), "markers are bounded")

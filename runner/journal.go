@@ -27,7 +27,7 @@ func startJournal(ctx context.Context, r *testRun, l net.Listener, path, unit st
 		JournalPath:       path,
 		JournalRemotePath: r.env.getenv("VMHARNESS_JOURNAL_REMOTE"),
 		TestUnit:          unit,
-		MarkerPrefix:      verdict.JournalMarkerPrefix,
+		MarkerIdentifier:  verdict.JournalMarkerIdentifier,
 	})
 	if err != nil {
 		return nil, err

@@ -40,11 +40,16 @@ func snapshotUnsupported(o *runOptions, creds []harness.Credential) error {
 
 // ensureSnapshotTemplate returns the directory of the image's snapshot
 // template for this run's machine shape, building it (one template VM
-// boot) under the template's lock if no other run has. Templates live in
-// the cache's snapshots/ directory, named after the image's directory and
-// a key of the QEMU command line's shape. The run holds the lock shared
-// until release is called, so `vmharness image prune` leaves the template
-// alone while the run restores from it.
+// boot) if no other run has. Templates live in the cache's snapshots/
+// directory, named after the image's directory and a key of the QEMU
+// command line's shape.
+//
+// Two locks: the run holds the template's lock (<dir>.lock) shared until
+// release is called, so `vmharness image prune`, which takes it
+// exclusively without waiting, leaves the template alone while a run
+// restores from it or builds it; builders take <dir>.build.lock
+// exclusively, so one run builds and the others wait for it alone, not
+// for every run holding the template.
 func ensureSnapshotTemplate(ctx context.Context, r *testRun, cfg harness.TemplateConfig) (dir string, release func(), err error) {
 	cache, err := images.CacheDir(r.env.getenv)
 	if err != nil {
@@ -59,44 +64,43 @@ func ensureSnapshotTemplate(ctx context.Context, r *testRun, cfg harness.Templat
 		return "", nil, fmt.Errorf("snapshot template directory: %w", err)
 	}
 	dir = filepath.Join(root, name)
-	lock, err := os.OpenFile(dir+".lock", os.O_RDWR|os.O_CREATE, 0o644)
+	release, err = holdTemplate(ctx, dir,
+		func() error { _, err := harness.OpenTemplate(dir); return err },
+		func() error { return buildSnapshotTemplate(ctx, r, cfg, name, dir) },
+		func() { r.logf("snapshot template %s: waiting for another run building it", name) })
 	if err != nil {
-		return "", nil, fmt.Errorf("snapshot template lock: %w", err)
-	}
-	release = func() { lock.Close() }
-	waiting := func() { r.logf("snapshot template %s: waiting for another run building it", name) }
-	if err := lockTemplate(ctx, lock, unix.LOCK_SH, waiting); err != nil {
-		release()
 		return "", nil, err
-	}
-	if _, err := harness.OpenTemplate(dir); err == nil {
-		return dir, release, nil
-	}
-	// Building needs the lock alone. flock converts a lock by dropping it
-	// first, so two runs that both found no template cannot deadlock
-	// here; the second finds the first's template below.
-	if err := lockTemplate(ctx, lock, unix.LOCK_EX, waiting); err != nil {
-		release()
-		return "", nil, err
-	}
-	if _, err := harness.OpenTemplate(dir); err != nil {
-		if err := buildSnapshotTemplate(ctx, r, cfg, name, dir); err != nil {
-			release()
-			return "", nil, err
-		}
-	}
-	if err := lockTemplate(ctx, lock, unix.LOCK_SH, waiting); err != nil {
-		release()
-		return "", nil, err
-	}
-	// Between the exclusive and the shared lock a prune could have taken
-	// the template, but only one whose image is gone, and this run holds
-	// its image.
-	if _, err := harness.OpenTemplate(dir); err != nil {
-		release()
-		return "", nil, fmt.Errorf("snapshot template %s: removed while this run started (by vmharness image prune?); run the test again: %w", name, err)
 	}
 	return dir, release, nil
+}
+
+// holdTemplate takes the template at dir's lock shared and, if open
+// says the template is not usable, builds it under the build lock unless
+// a run that held that lock first built it meanwhile. It returns with the
+// shared lock held, or with no lock and an error.
+func holdTemplate(ctx context.Context, dir string, open, build func() error, waiting func()) (release func(), err error) {
+	// Only a prune's removal ever holds this lock exclusively, briefly.
+	release, err = lockTemplate(ctx, dir+".lock", unix.LOCK_SH, nil)
+	if err != nil {
+		return nil, err
+	}
+	if open() == nil {
+		return release, nil
+	}
+	unlockBuild, err := lockTemplate(ctx, dir+".build.lock", unix.LOCK_EX, waiting)
+	if err != nil {
+		release()
+		return nil, err
+	}
+	defer unlockBuild()
+	if open() == nil {
+		return release, nil // built while this run waited
+	}
+	if err := build(); err != nil {
+		release()
+		return nil, err
+	}
+	return release, nil
 }
 
 // buildSnapshotTemplate boots the template VM and saves it as dir; the
@@ -129,15 +133,23 @@ func buildSnapshotTemplate(ctx context.Context, r *testRun, cfg harness.Template
 	return nil
 }
 
-// lockTemplate takes (or converts to) the flock how on the template's
-// lock file, polling so ctx can end the wait; waiting is called if it
-// has to wait.
-func lockTemplate(ctx context.Context, f *os.File, how int, waiting func()) error {
-	if err := flock.Wait(ctx, f, how, 200*time.Millisecond, waiting); err != nil {
-		if ctx.Err() != nil {
-			return fmt.Errorf("waiting for snapshot template lock %s: %w", f.Name(), err)
-		}
-		return fmt.Errorf("snapshot template lock %s: %w", f.Name(), err)
+// lockTemplate opens path and takes the flock how on it, polling so ctx
+// can end the wait; waiting, if set, is called if it has to wait. unlock
+// closes the file.
+func lockTemplate(ctx context.Context, path string, how int, waiting func()) (unlock func(), err error) {
+	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o644)
+	if err != nil {
+		return nil, fmt.Errorf("snapshot template lock: %w (is the cache directory writable?)", err)
 	}
-	return nil
+	if waiting == nil {
+		waiting = func() {}
+	}
+	if err := flock.Wait(ctx, f, how, 200*time.Millisecond, waiting); err != nil {
+		f.Close()
+		if ctx.Err() != nil {
+			return nil, fmt.Errorf("waiting for snapshot template lock %s: %w", path, err)
+		}
+		return nil, fmt.Errorf("snapshot template lock %s: %w (is the cache directory writable?)", path, err)
+	}
+	return func() { f.Close() }, nil
 }

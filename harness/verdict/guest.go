@@ -71,15 +71,14 @@ type GuestSetup struct {
 	KeepOnFailure bool
 }
 
-// JournalMarkerPrefix starts the MESSAGE of the journal entry the test
-// unit logs right before it reports its result: the prefix, a space and
-// the unit's invocation ID. Once the host has that entry, it has the
-// test's whole journal. The entry is the ExecStopPost= shell's own echo on
-// its stdout stream, which saves an exec of systemd-cat under TCG; its
-// SYSLOG_IDENTIFIER is then the stream's ("sh", or the unit's
-// SyslogIdentifier=), so the host knows it by this text and _UID=0 (the
-// command runs with "+").
-const JournalMarkerPrefix = "vmharness-journal-marker"
+// JournalMarkerIdentifier is the SYSLOG_IDENTIFIER of the journal entry
+// the test unit logs, with its invocation ID as the message, right before
+// it reports its result: once the host has that entry, it has the test's
+// whole journal. systemd-cat logs it from the ExecStopPost= command, as
+// root and on its own stream to the system journal, whatever the test
+// unit's User=, LogNamespace= or standard output; the shell's own echo
+// would save that exec but inherit all three.
+const JournalMarkerIdentifier = "vmharness-journal-marker"
 
 // waitForCoredumps waits until no process is dumping core, 3 minutes at
 // most (900 times 0.2 s): under TCG a small process's dump takes 5-10 s.
@@ -161,8 +160,6 @@ func (g GuestSetup) units() []guestUnit {
 			// processed (and so forwarded) everything queued. The marker
 			// before it lets the host see when the journal up to here has
 			// arrived: it is forwarded after every line the test logged.
-			// The marker is the shell's own echo on its stdout, a journald
-			// stream of the test unit like systemd-cat's was: no exec.
 			//
 			// The unit's own result goes to the host: the exit status PID
 			// 1 forwards cannot tell a failure with status 123 from the
@@ -176,7 +173,7 @@ func (g GuestSetup) units() []guestUnit {
 			// takes as unknown (no early stop), as an empty $(...) was.
 			// journalctl gets /dev/null for stdin: the pipe is read's.
 			`systemctl is-system-running | {`,
-			`echo "`+JournalMarkerPrefix+` $$INVOCATION_ID";`,
+			`echo "$$INVOCATION_ID" | /usr/bin/systemd-cat -t `+JournalMarkerIdentifier+`;`,
 			"/usr/bin/journalctl --sync </dev/null;",
 			`read -r s;`,
 			fmt.Sprintf(`%s %s="$$SERVICE_RESULT" %s="$$EXIT_CODE" %s="$$EXIT_STATUS" %s="$$s" %s="$$INVOCATION_ID"; }`,

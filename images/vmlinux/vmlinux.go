@@ -65,17 +65,22 @@ func Extract(bzImage []byte) ([]byte, error) {
 	if err != nil {
 		return nil, err
 	}
-	// The build appends the uncompressed size, little-endian, to every
-	// compressed payload.
 	if len(payload) < 8 {
 		return nil, fmt.Errorf("%w: the bzImage's payload is %d bytes", ErrUnsupported, len(payload))
 	}
+	name := format(payload)
+	// The last 4 bytes hold the uncompressed size, little-endian: the
+	// kernel's build appends them to every payload but gzip's, whose own
+	// trailer ends with the size (ISIZE, modulo 2^32).
 	size := binary.LittleEndian.Uint32(payload[len(payload)-4:])
-	compressed := payload[:len(payload)-4]
+	compressed := payload
+	if name != "gzip" {
+		compressed = payload[:len(payload)-4]
+	}
 	if size == 0 || size > MaxKernelSize {
 		return nil, fmt.Errorf("%w: the bzImage's payload claims %d bytes uncompressed (at most %d)", ErrUnsupported, size, MaxKernelSize)
 	}
-	r, name, err := decompressor(compressed)
+	r, err := decompressor(name, compressed)
 	if err != nil {
 		return nil, err
 	}
@@ -84,11 +89,15 @@ func Extract(bzImage []byte) ([]byte, error) {
 	if _, err := io.ReadFull(r, kernel); err != nil {
 		return nil, fmt.Errorf("%w: decompressing the %s payload: %v", ErrUnsupported, name, err)
 	}
-	// Exactly size bytes: more would mean the size field is wrong.
-	if n, _ := r.Read(make([]byte, 1)); n != 0 {
+	// Exactly size bytes, and the stream's end, where the decoder checks
+	// the payload's checksum.
+	switch n, err := r.Read(make([]byte, 1)); {
+	case n != 0:
 		return nil, fmt.Errorf("%w: the %s payload is longer than the %d bytes its size field says", ErrUnsupported, name, size)
+	case err != io.EOF:
+		return nil, fmt.Errorf("%w: decompressing the %s payload: at its end: %v", ErrUnsupported, name, err)
 	}
-	ok, err := HasPVHEntry(bytes.NewReader(kernel))
+	ok, err := HasPVHEntry(kernel)
 	if err != nil {
 		return nil, err
 	}
@@ -135,36 +144,40 @@ func payload(bz []byte) ([]byte, error) {
 	return bz[start:end], nil
 }
 
-// decompressor reads the compressed payload; it names the format.
-func decompressor(compressed []byte) (io.ReadCloser, string, error) {
-	name := "unknown"
+// format names the payload's compression by its magic, or "unknown".
+func format(payload []byte) string {
 	for _, f := range formats {
-		if bytes.HasPrefix(compressed, f.magic) {
-			name = f.name
-			break
+		if bytes.HasPrefix(payload, f.magic) {
+			return f.name
 		}
 	}
+	return "unknown"
+}
+
+// decompressor reads the compressed payload of the named format.
+func decompressor(name string, compressed []byte) (io.ReadCloser, error) {
 	switch name {
 	case "gzip":
 		r, err := gzip.NewReader(bytes.NewReader(compressed))
 		if err != nil {
-			return nil, name, fmt.Errorf("%w: gzip payload: %v", ErrUnsupported, err)
+			return nil, fmt.Errorf("%w: gzip payload: %v", ErrUnsupported, err)
 		}
 		r.Multistream(false)
-		return r, name, nil
+		return r, nil
 	case "zstd":
 		d, err := zstd.NewReader(bytes.NewReader(compressed), zstd.WithDecoderConcurrency(1), zstd.WithDecoderMaxMemory(MaxKernelSize))
 		if err != nil {
-			return nil, name, fmt.Errorf("%w: zstd payload: %v", ErrUnsupported, err)
+			return nil, fmt.Errorf("%w: zstd payload: %v", ErrUnsupported, err)
 		}
-		return zstdReadCloser{d}, name, nil
+		return zstdReadCloser{d}, nil
 	}
-	return nil, name, fmt.Errorf("%w: the payload's compression (%s) is not one this harness reads (gzip, zstd)", ErrUnsupported, name)
+	return nil, fmt.Errorf("%w: the payload's compression (%s) is not one this harness reads (gzip, zstd)", ErrUnsupported, name)
 }
 
 // zstdReadCloser adapts zstd.Decoder, whose Close returns nothing.
 type zstdReadCloser struct{ *zstd.Decoder }
 
+// Close releases the decoder's buffers; it cannot fail.
 func (z zstdReadCloser) Close() error { z.Decoder.Close(); return nil }
 
 // Xen's ELF note for the 32-bit PVH entry point (xen/include/public/elfnote.h).
@@ -173,10 +186,10 @@ const (
 	xenNotePhys32Entry = 18
 )
 
-// HasPVHEntry reports whether the ELF file r has a PVH entry point note.
+// HasPVHEntry reports whether the ELF file has a PVH entry point note.
 // An input that is not an ELF file is an ErrUnsupported error.
-func HasPVHEntry(r io.ReaderAt) (bool, error) {
-	f, err := elf.NewFile(r)
+func HasPVHEntry(elfFile []byte) (bool, error) {
+	f, err := elf.NewFile(bytes.NewReader(elfFile))
 	if err != nil {
 		return false, fmt.Errorf("%w: the payload is not an ELF file: %v", ErrUnsupported, err)
 	}
@@ -185,14 +198,12 @@ func HasPVHEntry(r io.ReaderAt) (bool, error) {
 		if p.Type != elf.PT_NOTE {
 			continue
 		}
-		if p.Filesz > MaxKernelSize {
-			return false, fmt.Errorf("%w: an ELF note segment of %d bytes", ErrUnsupported, p.Filesz)
+		// A note segment lies inside the file: a larger size field is
+		// corrupt, and must not decide how much is allocated.
+		if p.Off > uint64(len(elfFile)) || p.Filesz > uint64(len(elfFile))-p.Off {
+			return false, fmt.Errorf("%w: an ELF note segment (%d bytes at %d) runs past the file's end (%d)", ErrUnsupported, p.Filesz, p.Off, len(elfFile))
 		}
-		data := make([]byte, p.Filesz)
-		if _, err := p.ReadAt(data, 0); err != nil {
-			return false, fmt.Errorf("%w: reading an ELF note segment: %v", ErrUnsupported, err)
-		}
-		if hasNote(data, f.ByteOrder, xenNoteName, xenNotePhys32Entry) {
+		if hasNote(elfFile[p.Off:p.Off+p.Filesz], f.ByteOrder, xenNoteName, xenNotePhys32Entry) {
 			return true, nil
 		}
 	}
@@ -217,4 +228,5 @@ func hasNote(data []byte, order binary.ByteOrder, name string, typ uint32) bool 
 	return false
 }
 
+// align4 rounds n up to the 4-byte alignment of ELF note fields.
 func align4(n uint64) uint64 { return (n + 3) &^ 3 }

@@ -72,6 +72,30 @@ func zstded(t *testing.T, data []byte) []byte {
 	return w.EncodeAll(data, nil)
 }
 
+// corruptCRC flips a bit in the compressed stream's last 4 bytes before
+// any appended size: gzip's CRC32 is in its trailer's first half, zstd's
+// content checksum ends the frame.
+func corruptCRC(compressed []byte) []byte {
+	c := append([]byte(nil), compressed...)
+	if c[0] == 0x1f { // gzip: CRC32, then ISIZE
+		c[len(c)-8] ^= 1
+	} else {
+		c[len(c)-1] ^= 1
+	}
+	return c
+}
+
+// truncatedNotes is elf with its note segment's size field pointing past
+// the file's end (and far beyond).
+func truncatedNotes(t *testing.T, elfFile []byte) []byte {
+	t.Helper()
+	c := append([]byte(nil), elfFile...)
+	const phoff = 64
+	// p_filesz is at offset 32 of the 64-bit program header.
+	binary.LittleEndian.PutUint64(c[phoff+32:], 1<<40)
+	return c
+}
+
 // bzImage lays out a setup header with setupSects sectors of setup
 // before the protected-mode code, which starts with the payload after
 // 16 bytes of decompressor stub, then a tail.
@@ -105,7 +129,12 @@ func TestExtract(t *testing.T) {
 		wantErr string
 	}{
 		{"zstd", bzImage(withSize(zstded(t, kernel), len(kernel)), 0x020f, 27), kernel, ""},
-		{"gzip", bzImage(withSize(gzipped(t, kernel), len(kernel)), 0x020f, 27), kernel, ""},
+		// The kernel's build appends no size to a gzip payload: gzip's
+		// own trailer ends with it.
+		{"gzip", bzImage(gzipped(t, kernel), 0x020f, 27), kernel, ""},
+		{"gzip with a bad CRC", bzImage(corruptCRC(gzipped(t, kernel)), 0x020f, 27), nil, "at its end"},
+		{"zstd with a bad checksum", bzImage(withSize(corruptCRC(zstded(t, kernel)), len(kernel)), 0x020f, 27), nil, "zstd payload"},
+		{"note segment past the end", bzImage(withSize(zstded(t, truncatedNotes(t, kernel)), len(kernel)), 0x020f, 27), nil, "runs past the file's end"},
 		{"setup_sects 0 means 4", bzImage(withSize(zstded(t, kernel), len(kernel)), 0x0208, 0), kernel, ""},
 		{"no PVH note", bzImage(withSize(zstded(t, noPVH), len(noPVH)), 0x020f, 27), nil, "no PVH entry point"},
 		{"not ELF", bzImage(withSize(zstded(t, []byte("plain text, no ELF header at all")), 32), 0x020f, 1), nil, "not an ELF file"},
