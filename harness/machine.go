@@ -525,7 +525,10 @@ func (m *Machine) Run(ctx context.Context, started func(pid int)) (*Result, erro
 	}
 	qemuStarted := time.Now()
 	if m.snap != nil {
-		restoreCtx, cancel := context.WithTimeout(ctx, cmp.Or(cfg.BootTimeout, 3*time.Minute))
+		// A good restore hands the test over in seconds (2 s idle under
+		// TCG); a minute means a template whose agent stays silent
+		// (ErrSnapshotAgentSilent), not a slow one.
+		restoreCtx, cancel := context.WithTimeout(ctx, min(cmp.Or(cfg.BootTimeout, 3*time.Minute), time.Minute))
 		err := m.restore(restoreCtx)
 		cancel()
 		// Interrupted (SIGTERM) during the restore: the run loop below

@@ -272,6 +272,9 @@ func (r *testRun) run(ctx context.Context) int {
 	r.attempt.releaseSlot()
 	if err != nil {
 		journal.abort()
+		if errors.Is(err, harness.ErrSnapshotAgentSilent) && snapshotDir != "" {
+			discardSnapshotTemplate(r, snapshotDir)
+		}
 		return r.fail("%v", err)
 	}
 	// QEMU is gone; the journal streams end now. Wait until every entry

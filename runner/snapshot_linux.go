@@ -103,6 +103,18 @@ func holdTemplate(ctx context.Context, dir string, open, build func() error, wai
 	return release, nil
 }
 
+// discardSnapshotTemplate removes a template whose restored guest never
+// took the test (harness.ErrSnapshotAgentSilent), so that the next run
+// builds a new one instead of failing the same way. Runs restoring from
+// it meanwhile keep their open files.
+func discardSnapshotTemplate(r *testRun, dir string) {
+	if err := os.RemoveAll(dir); err != nil {
+		r.logf("snapshot template %s: could not remove it after a failed restore: %v; remove it by hand", filepath.Base(dir), err)
+		return
+	}
+	r.logf("snapshot template %s: removed after a failed restore; the next --snapshot run builds a new one", filepath.Base(dir))
+}
+
 // buildSnapshotTemplate boots the template VM and saves it as dir; the
 // caller holds the template's lock exclusively.
 func buildSnapshotTemplate(ctx context.Context, r *testRun, cfg harness.TemplateConfig, name, dir string) error {
