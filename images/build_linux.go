@@ -325,6 +325,8 @@ func mmdebstrapArgs(r *Recipe, mode, filesTar, target string) []string {
 		`rm -f "$1/etc/resolv.conf"`,
 		// The files may have changed /etc/initramfs-tools.
 		`chroot "$1" update-initramfs -u -k all`,
+		// kmod-static-nodes.service's list, made now (see staticNodesScript).
+		`chroot "$1" sh -c `+shellQuote(staticNodesScript)+` sh`,
 		// Mark /etc and /var as up to date with /usr, so every boot of the
 		// pristine image does not run ldconfig, hwdb and catalog updates
 		// (ConditionNeedsUpdate).
@@ -333,6 +335,37 @@ func mmdebstrapArgs(r *Recipe, mode, filesTar, target string) []string {
 	args = append(args, "--customize-hook="+strings.Join(script, "\n"))
 	return append(args, r.Distribution, target)
 }
+
+// StaticNodesFile is where the build writes the static device nodes of
+// the image's kernel modules, in tmpfiles.d format.
+const StaticNodesFile = "etc/tmpfiles.d/static-nodes.conf"
+
+// staticNodesScript writes StaticNodesFile under the root "$1" (empty:
+// "/") from the kernel's modules.devname: what `kmod static-nodes
+// --format=tmpfiles` writes to /run/tmpfiles.d/static-nodes.conf at every
+// boot (the device nodes whose opening loads a module, such as
+// /dev/net/tun or /dev/loop-control), but once per image and without the
+// kmod of the running kernel, which a build has not got: kmod reads the
+// modules of `uname -r`. So an image can mask kmod-static-nodes.service,
+// one unit less on the boot's critical path. The file has the same name
+// as the unit's, so /etc's copy takes the place of /run's if a recipe
+// unmasks the unit: the nodes are the same. Without a kernel or a
+// modules.devname it writes nothing.
+const staticNodesScript = `set -e
+for k in "$1"/boot/vmlinuz-*; do v=${k##*/vmlinuz-}; done
+f="$1/usr/lib/modules/$v/modules.devname"
+test -s "$f" || exit 0
+mkdir -p "$1/etc/tmpfiles.d"
+{
+echo "# The static device nodes of kernel $v (kmod static-nodes), written by vmharness's image build."
+while read -r mod dev node; do
+  case $mod in ""|"#"*) continue;; esac
+  case $node in [bc][0-9]*:[0-9]*) ;; *) continue;; esac
+  case $dev in */*) echo "d /dev/${dev%/*} 0755 - - -";; esac
+  echo "${node%"${node#?}"}! /dev/$dev 0600 - - - ${node#?}"
+done <"$f"
+} >"$1/` + StaticNodesFile + `"
+`
 
 func shellQuoteAll(words []string) string {
 	q := make([]string, len(words))

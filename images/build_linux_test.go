@@ -36,6 +36,7 @@ func TestMmdebstrapArgs(t *testing.T) {
 	assert.Contains(t, script, `chroot "$1" systemctl enable 'vsock-echo.socket'`)
 	assert.Contains(t, script, `chroot "$1" systemctl disable 'ssh.service'`)
 	assert.Contains(t, script, `chroot "$1" update-initramfs -u -k all`)
+	assert.Contains(t, script, `chroot "$1" sh -c 'set -e`, "the static nodes are listed in the tree")
 	assert.Less(t, strings.Index(script, "systemctl enable"), strings.Index(script, "update-initramfs"))
 	assert.True(t, strings.HasSuffix(script, "systemd-update-done"), "marking /etc and /var up to date must come last")
 
@@ -68,6 +69,55 @@ func TestMmdebstrapArgsSymlinksAndSysusers(t *testing.T) {
 		last = i
 	}
 	assert.Less(t, strings.Index(script, "/home/testuser"), strings.Index(script, "update-initramfs"))
+}
+
+func TestStaticNodesScript(t *testing.T) {
+	const devname = "# Device nodes to trigger on-demand module loading.\n" +
+		"cuse cuse c10:203\n" +
+		"tun net/tun c10:200\n" +
+		"dm_mod mapper/control c10:236\n" +
+		"nbd nbd0 b43:0\n" +
+		"\n" +
+		"odd odd x1:2\n" +
+		"short\n"
+	tests := []struct {
+		name    string
+		kernel  bool
+		devname string
+		want    string // "" for no file
+	}{
+		{"nodes", true, devname, "# The static device nodes of kernel 6.1-test (kmod static-nodes), written by vmharness's image build.\n" +
+			"c! /dev/cuse 0600 - - - 10:203\n" +
+			"d /dev/net 0755 - - -\n" +
+			"c! /dev/net/tun 0600 - - - 10:200\n" +
+			"d /dev/mapper 0755 - - -\n" +
+			"c! /dev/mapper/control 0600 - - - 10:236\n" +
+			"b! /dev/nbd0 0600 - - - 43:0\n"},
+		{"no kernel", false, devname, ""},
+		{"empty modules.devname", true, "", ""},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			root := t.TempDir()
+			if tt.kernel {
+				require.NoError(t, os.MkdirAll(filepath.Join(root, "boot"), 0o755))
+				require.NoError(t, os.WriteFile(filepath.Join(root, "boot", "vmlinuz-6.1-test"), nil, 0o644))
+			}
+			mods := filepath.Join(root, "usr", "lib", "modules", "6.1-test")
+			require.NoError(t, os.MkdirAll(mods, 0o755))
+			require.NoError(t, os.WriteFile(filepath.Join(mods, "modules.devname"), []byte(tt.devname), 0o644))
+
+			out, err := exec.Command("/bin/sh", "-c", staticNodesScript, "sh", root).CombinedOutput()
+			require.NoError(t, err, "%s", out)
+			got, err := os.ReadFile(filepath.Join(root, StaticNodesFile))
+			if tt.want == "" {
+				assert.ErrorIs(t, err, os.ErrNotExist)
+				return
+			}
+			require.NoError(t, err)
+			assert.Equal(t, tt.want, string(got))
+		})
+	}
 }
 
 func TestParseDpkgStatus(t *testing.T) {
@@ -206,6 +256,9 @@ func TestBuildDefaultImageE2E(t *testing.T) {
 	assert.Regexp(t, `Type: symlink`, stat("/etc/systemd/system/sockets.target.wants/vsock-echo.socket"), "the echo socket is enabled")
 	assert.Regexp(t, `Type: regular`, stat("/etc/modules-load.d/vsock.conf"))
 	assert.Regexp(t, `Size: 0\b`, stat("/etc/machine-id"), "machine-id is empty so every boot gets its own")
+	nodes, err := exec.Command(debugfs, "-R", "cat /"+StaticNodesFile, img.Rootfs).Output()
+	require.NoError(t, err)
+	assert.Contains(t, string(nodes), "c! /dev/net/tun 0600 - - - 10:200\n", "the kernel's static nodes are listed (the boot checks them against kmod: TestE2EBootUnits)")
 	assert.Regexp(t, `Mode:\s+01777`, stat("/tmp"))
 	out, err := exec.Command(debugfs, "-R", "cat /etc/hostname", img.Rootfs).Output()
 	require.NoError(t, err)

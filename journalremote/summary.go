@@ -252,8 +252,8 @@ type summarizer struct {
 	// unitResults holds the unit's result per canonical boot ID (at most
 	// maxBoots); the last boot's is the one that counts.
 	unitResults map[string]*UnitResult
-	// markerID is the SYSLOG_IDENTIFIER of marker entries; markers holds
-	// the last few markers' texts.
+	// markerID is the SYSLOG_IDENTIFIER of marker entries, from root or
+	// the kernel log; markers holds the last few markers' texts.
 	markerID string
 	markers  []string
 	// found are the core dumps and sanitizer reports (findings.go).
@@ -398,7 +398,9 @@ func (s *summarizer) observe(e *Entry, info entryInfo) {
 	if s.unit != "" && string(f.pid) == "1" && string(f.unit) == s.unit {
 		s.noteUnitResult(&f)
 	}
-	if s.markerID != "" && string(f.identifier) == s.markerID && string(f.uid) == "0" {
+	// Only root logs as uid 0 or writes the kernel log (/dev/kmsg): a
+	// test's unprivileged processes cannot forge a marker.
+	if s.markerID != "" && string(f.identifier) == s.markerID && (string(f.uid) == "0" || string(f.transport) == "kernel") {
 		if len(s.markers) == maxMarkers {
 			s.markers = s.markers[1:]
 		}

@@ -224,10 +224,15 @@ func TestSummaryMarkers(t *testing.T) {
 	feed(s,
 		[]string{"_UID=0", "SYSLOG_IDENTIFIER=vmharness-journal-marker", "MESSAGE=abc123\n"},
 		[]string{"_UID=1000", "SYSLOG_IDENTIFIER=vmharness-journal-marker", "MESSAGE=forged"},
+		// Written to /dev/kmsg by root: no _UID.
+		[]string{"_TRANSPORT=kernel", "PRIORITY=7", "SYSLOG_FACILITY=1", "SYSLOG_IDENTIFIER=vmharness-journal-marker", "MESSAGE=kmsg1"},
+		[]string{"_TRANSPORT=stdout", "SYSLOG_IDENTIFIER=vmharness-journal-marker", "MESSAGE=nouid"},
 		[]string{"_UID=0", "SYSLOG_IDENTIFIER=other", "MESSAGE=def456"},
 	)
 	assert.True(t, s.hasMarker("abc123"))
 	assert.False(t, s.hasMarker("forged"), "only root logs markers")
+	assert.True(t, s.hasMarker("kmsg1"), "the kernel log is root's")
+	assert.False(t, s.hasMarker("nouid"), "an entry without _UID is trusted only from the kernel log")
 	assert.False(t, s.hasMarker("def456"), "only the marker identifier counts")
 	for i := range 2 * maxMarkers {
 		feed(s, []string{"_UID=0", "SYSLOG_IDENTIFIER=vmharness-journal-marker", "MESSAGE=m" + strconv.Itoa(i)})

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"os"
 	"os/exec"
+	"path"
 	"path/filepath"
 	"slices"
 	"strconv"
@@ -17,6 +18,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/vmharness/vmharness/harness/registry"
+	"github.com/vmharness/vmharness/images"
 )
 
 // The end-to-end tests boot real VMs from the real default image (built on
@@ -272,6 +274,45 @@ func TestE2EPVHBoot(t *testing.T) {
 	require.NoError(t, err)
 	require.Equal(t, 0, r.exitCode, "the guest's boot protocol: %s", out)
 	assert.Contains(t, string(out), "boot protocol 0x020c")
+}
+
+// TestE2EBootUnits checks in the guest what the default image trims from
+// the boot: every unit its recipe masks is masked, the static device
+// nodes written at build time are the ones kmod lists for the running
+// kernel, and udev's credential loader runs only when there are udev
+// credentials.
+func TestE2EBootUnits(t *testing.T) {
+	requireE2E(t)
+	r, err := images.Default()
+	require.NoError(t, err)
+	var masked []string
+	for link, target := range r.Symlinks {
+		if target == "/dev/null" && strings.HasPrefix(link, "etc/systemd/system/") {
+			masked = append(masked, path.Base(link))
+		}
+	}
+	require.Contains(t, masked, "kmod-static-nodes.service")
+	tests := []struct {
+		name, udevLoaded string
+		args             []string
+	}{
+		{"no udev credentials", "no", nil},
+		{"a udev rule credential", "yes", []string{"--credential", "udev.rules.99-vmharness-e2e=# nothing"}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			args := append([]string{"--name", "bootunits", "--keep-journal", "always",
+				"--setenv", "VMHARNESS_TEST_MASKED=" + strings.Join(masked, " "),
+				"--setenv", "VMHARNESS_TEST_UDEV_CREDENTIALS=" + tt.udevLoaded}, tt.args...)
+			run := startRun(t, append(args, filepath.Join("testdata", "boot-units.service"))...)
+			run.wait(t)
+			out, err := exec.Command("journalctl", "--file="+filepath.Join(run.jdir, "bootunits.journal"), "-u", "boot-units.service", "-o", "cat", "--no-pager").Output()
+			require.NoError(t, err)
+			require.Equal(t, 0, run.exitCode, "the guest's checks:\n%s", out)
+			assert.Contains(t, string(out), "kmod-static-nodes.service: masked")
+			assert.Contains(t, string(out), "udev credentials loader condition: "+tt.udevLoaded)
+		})
+	}
 }
 
 // TestE2EReboot checks that a guest rebooting inside a test keeps one

@@ -190,11 +190,13 @@ func guestPhases(journal, unit string, r map[string]float64) error {
 			first("pid1", t)
 		case e["SYSLOG_IDENTIFIER"] == "vmharness-journal-marker" || e["_UID"] == "0" && strings.HasPrefix(msg, "vmharness-journal-marker "):
 			// Logged by the test's ExecStopPost= once its main process
-			// has exited: an entry with the message "vmharness-journal-marker
-			// <invocation ID>" from root, or, from binaries before that,
-			// one with the identifier vmharness-journal-marker (through
-			// systemd-cat). A runner that stops the VM as soon as it has
-			// the marker may never receive PID 1's "Finished" line.
+			// has exited: the identifier vmharness-journal-marker,
+			// written to /dev/kmsg after the journal sync, or, from
+			// binaries before that, through systemd-cat before the sync
+			// or the shell's echo (message "vmharness-journal-marker
+			// <invocation ID>" from root). A runner that stops the VM as
+			// soon as it has the marker may never receive PID 1's
+			// "Finished" line.
 			first("unit end", t)
 		case e["_PID"] == "1":
 			if strings.HasPrefix(msg, "Reached target basic.target") {

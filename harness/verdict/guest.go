@@ -74,11 +74,18 @@ type GuestSetup struct {
 // JournalMarkerIdentifier is the SYSLOG_IDENTIFIER of the journal entry
 // the test unit logs, with its invocation ID as the message, right before
 // it reports its result: once the host has that entry, it has the test's
-// whole journal. systemd-cat logs it from the ExecStopPost= command, as
-// root and on its own stream to the system journal, whatever the test
-// unit's User=, LogNamespace= or standard output; the shell's own echo
-// would save that exec but inherit all three.
+// whole journal. The ExecStopPost= command writes it to /dev/kmsg as root
+// (see JournalMarkerPriority), which journald takes in whatever the test
+// unit's User=, LogNamespace= or standard output, and without the fork and
+// exec under TCG that systemd-cat cost; the entry comes in with
+// _TRANSPORT=kernel, which only root can produce.
 const JournalMarkerIdentifier = "vmharness-journal-marker"
+
+// JournalMarkerPriority is the syslog priority the marker is written to
+// /dev/kmsg with: facility user, level debug, so the kernel does not print
+// it on the console (its level 7 is not below the console's default log
+// level) and "journalctl -p info" leaves it out.
+const JournalMarkerPriority = 15
 
 // waitForCoredumps waits until no process is dumping core, 3 minutes at
 // most (900 times 0.2 s): under TCG a small process's dump takes 5-10 s.
@@ -152,14 +159,19 @@ func (g GuestSetup) units() []guestUnit {
 		// success action nor the host, which stops the VM once it has the
 		// marker, cuts the dump off.
 		unit.NewUnitOption("Service", "ExecStopPost", "-+"+shellCommand(
-			waitForCoredumps+";",
 			// journald may still be working through the unit's output
 			// when it exits (under TCG it forwards a few hundred lines a
 			// second); the success or failure action would power the VM
 			// off and lose the rest. --sync returns once journald has
 			// processed (and so forwarded) everything queued. The marker
-			// before it lets the host see when the journal up to here has
-			// arrived: it is forwarded after every line the test logged.
+			// after it lets the host see when the journal up to here has
+			// arrived: journald forwards entries in the order it
+			// processes them, and the marker is written only once
+			// everything the test logged has been. It goes through
+			// /dev/kmsg, a redirection of the shell's echo rather than a
+			// program; journald reads the kernel log before its other
+			// sources, so before the sync the marker could overtake the
+			// test's last lines.
 			//
 			// The unit's own result goes to the host: the exit status PID
 			// 1 forwards cannot tell a failure with status 123 from the
@@ -167,14 +179,16 @@ func (g GuestSetup) units() []guestUnit {
 			// now that the unit's main process has ended: "stopping"
 			// means a shutdown is already under way, and PID 1 then skips
 			// the success action. systemctl runs at the head of a pipe,
-			// alongside the marker and the sync (the guest has two
-			// vCPUs), and the report waits for both; if systemctl fails,
-			// read gets nothing and the state is empty, which the host
-			// takes as unknown (no early stop), as an empty $(...) was.
-			// journalctl gets /dev/null for stdin: the pipe is read's.
+			// alongside the wait for core dumps and the sync (the guest
+			// has two vCPUs), and the report waits for both; if systemctl
+			// fails, read gets nothing and the state is empty, which the
+			// host takes as unknown (no early stop), as an empty $(...)
+			// was. journalctl gets /dev/null for stdin: the pipe is
+			// read's.
 			`systemctl is-system-running | {`,
-			`echo "$$INVOCATION_ID" | /usr/bin/systemd-cat -t `+JournalMarkerIdentifier+`;`,
+			waitForCoredumps+";",
 			"/usr/bin/journalctl --sync </dev/null;",
+			fmt.Sprintf(`echo "<%d>%s: $$INVOCATION_ID" >/dev/kmsg;`, JournalMarkerPriority, JournalMarkerIdentifier),
 			`read -r s;`,
 			fmt.Sprintf(`%s %s="$$SERVICE_RESULT" %s="$$EXIT_CODE" %s="$$EXIT_STATUS" %s="$$s" %s="$$INVOCATION_ID"; }`,
 				notify, FieldTestResult, FieldTestExitCode, FieldTestExitStatus, FieldSystemState, FieldInvocation))),

@@ -32,16 +32,16 @@ func TestGuestSetupFiles(t *testing.T) {
 	// The journal is synced before the result is reported, and both before
 	// the success or failure action powers the VM off.
 	assert.Equal(t, 1, strings.Count(dropin, "\nExecStopPost="), "one command: each costs PID 1 an executor under TCG")
-	assert.Contains(t, dropin, `done; systemctl is-system-running | { echo "$$INVOCATION_ID" | /usr/bin/systemd-cat -t vmharness-journal-marker; /usr/bin/journalctl --sync </dev/null; read -r s; `+
+	assert.Contains(t, dropin, `done; /usr/bin/journalctl --sync </dev/null; echo "<15>vmharness-journal-marker: $$INVOCATION_ID" >/dev/kmsg; read -r s; `+
 		`NOTIFY_SOCKET=vsock-stream:2:9 /usr/bin/systemd-notify --no-block `+
 		`X_VMHARNESS_TEST_RESULT="$$SERVICE_RESULT" X_VMHARNESS_TEST_EXIT_CODE="$$EXIT_CODE" X_VMHARNESS_TEST_EXIT_STATUS="$$EXIT_STATUS" `+
 		`X_VMHARNESS_SYSTEM_STATE="$$s" X_VMHARNESS_INVOCATION="$$INVOCATION_ID"; }'`+"\n", dropin,
-		"after core dumps in progress: the journal marker, the sync, then the report, so the result is reported once the journal is complete")
+		"after core dumps in progress: the sync, the journal marker, then the report, so the result is reported once the journal is complete")
 	assert.NotContains(t, dropin, "Environment=", "the test's own processes must not see the host's notify socket")
-	// Core dumps in progress are waited for before the journal marker and
-	// the sync, so that they reach the host's journal before it stops the
-	// VM.
-	assert.Regexp(t, `ExecStopPost=-\+/bin/sh -c 'i=0; while grep -qs "\^CoreDumping:\[\[:space:\]\]\*1" /proc/\[0-9\]\*/status; do .*done; systemctl is-system-running \| \{ echo "\$\$INVOCATION_ID" \| /usr/bin/systemd-cat -t vmharness-journal-marker;`, dropin)
+	// Core dumps in progress are waited for before the sync and the
+	// journal marker, so that they reach the host's journal before it
+	// stops the VM; systemctl runs alongside.
+	assert.Regexp(t, `ExecStopPost=-\+/bin/sh -c 'systemctl is-system-running \| \{ i=0; while grep -qs "\^CoreDumping:\[\[:space:\]\]\*1" /proc/\[0-9\]\*/status; do .*done; /usr/bin/journalctl --sync`, dropin)
 	assert.NotContains(t, waitForCoredumps, "exit", "the wait must not end the command before the marker and the report")
 
 	check := plain["systemd.extra-unit."+ConditionCheckUnit]
@@ -81,9 +81,9 @@ func TestGuestUnitsReadBack(t *testing.T) {
 
 // TestReportCommandRuns runs the test unit's ExecStopPost= script with
 // sh, as systemd would after "$$" becomes "$", with fakes for journalctl,
-// systemd-cat, systemd-notify and systemctl: the marker comes first, the
-// report only after the sync, systemctl runs alongside the marker and the
-// sync, and its state (or none) is what the report carries.
+// systemd-notify and systemctl and a file for /dev/kmsg: the marker is
+// written after the sync and before the report, systemctl runs alongside
+// the sync, and its state (or none) is what the report carries.
 func TestReportCommandRuns(t *testing.T) {
 	if _, err := os.Stat("/bin/sh"); err != nil {
 		t.Skip("no /bin/sh")
@@ -124,10 +124,14 @@ func TestReportCommandRuns(t *testing.T) {
 			fake("systemctl", `test "$*" = is-system-running || exit 9; `+meet("systemctl", "journalctl")+tt.systemctl)
 			// journalctl drains its stdin, as a program may: were it
 			// the pipe, systemctl's state would never reach read.
-			fake("journalctl", `test "$*" = --sync || exit 9; `+meet("journalctl", "systemctl")+`cat >/dev/null; echo synced`)
-			fake("systemd-cat", `echo "marker $*: $(cat)"`)
-			fake("systemd-notify", `echo "notify NOTIFY_SOCKET=$NOTIFY_SOCKET $*"`)
+			// The marker must not be in the kernel log before the sync
+			// is done, nor missing when the report goes out.
+			fake("journalctl", `test "$*" = --sync || exit 9; `+meet("journalctl", "systemctl")+
+				`cat >/dev/null; test ! -e "$DIR/kmsg" || { echo "marker before the sync" >&2; exit 3; }; echo synced`)
+			fake("systemd-notify", `cat "$DIR/kmsg"; echo "notify NOTIFY_SOCKET=$NOTIFY_SOCKET $*"`)
 			s := strings.ReplaceAll(script, "/usr/bin/", dir+"/")
+			require.Contains(t, s, ">/dev/kmsg;")
+			s = strings.ReplaceAll(s, "/dev/kmsg", dir+"/kmsg")
 			cmd := exec.Command("/bin/sh", "-c", s)
 			cmd.Env = []string{"PATH=" + dir + ":/usr/bin:/bin", "DIR=" + dir, "INVOCATION_ID=inv1",
 				"SERVICE_RESULT=exit-code", "EXIT_CODE=exited", "EXIT_STATUS=3"}
@@ -138,7 +142,8 @@ func TestReportCommandRuns(t *testing.T) {
 			cmd.Stdout, cmd.Stderr = &stdout, &stderr
 			require.NoError(t, cmd.Run(), stderr.String())
 			assert.NotContains(t, stderr.String(), "ran alone")
-			assert.Equal(t, "marker -t vmharness-journal-marker: inv1\nsynced\n"+
+			// One line, as the kernel takes one record per write.
+			assert.Equal(t, "synced\n<15>vmharness-journal-marker: inv1\n"+
 				"notify NOTIFY_SOCKET=vsock-stream:2:9 --no-block X_VMHARNESS_TEST_RESULT=exit-code X_VMHARNESS_TEST_EXIT_CODE=exited "+
 				"X_VMHARNESS_TEST_EXIT_STATUS=3 X_VMHARNESS_SYSTEM_STATE="+tt.wantState+" X_VMHARNESS_INVOCATION=inv1\n", stdout.String())
 		})
