@@ -277,7 +277,7 @@ func TestE2EPVHBoot(t *testing.T) {
 }
 
 // TestE2EBootUnits checks in the guest what the default image trims from
-// the boot: every unit its recipe masks is masked, the static device
+// the boot: every unit and generator its recipe masks is masked, the static device
 // nodes written at build time are the ones kmod lists for the running
 // kernel, and udev's credential loader runs only when there are udev
 // credentials.
@@ -285,13 +285,18 @@ func TestE2EBootUnits(t *testing.T) {
 	requireE2E(t)
 	r, err := images.Default()
 	require.NoError(t, err)
-	var masked []string
+	var masked, generators []string
 	for link, target := range r.Symlinks {
-		if target == "/dev/null" && strings.HasPrefix(link, "etc/systemd/system/") {
+		switch {
+		case target != "/dev/null":
+		case strings.HasPrefix(link, "etc/systemd/system/"):
 			masked = append(masked, path.Base(link))
+		case strings.HasPrefix(link, "etc/systemd/system-generators/"):
+			generators = append(generators, path.Base(link))
 		}
 	}
 	require.Contains(t, masked, "kmod-static-nodes.service")
+	require.Contains(t, generators, "systemd-getty-generator")
 	tests := []struct {
 		name, udevLoaded string
 		args             []string
@@ -303,6 +308,7 @@ func TestE2EBootUnits(t *testing.T) {
 		t.Run(tt.name, func(t *testing.T) {
 			args := append([]string{"--name", "bootunits", "--keep-journal", "always",
 				"--setenv", "VMHARNESS_TEST_MASKED=" + strings.Join(masked, " "),
+				"--setenv", "VMHARNESS_TEST_MASKED_GENERATORS=" + strings.Join(generators, " "),
 				"--setenv", "VMHARNESS_TEST_UDEV_CREDENTIALS=" + tt.udevLoaded}, tt.args...)
 			run := startRun(t, append(args, filepath.Join("testdata", "boot-units.service"))...)
 			run.wait(t)
@@ -310,6 +316,7 @@ func TestE2EBootUnits(t *testing.T) {
 			require.NoError(t, err)
 			require.Equal(t, 0, run.exitCode, "the guest's checks:\n%s", out)
 			assert.Contains(t, string(out), "kmod-static-nodes.service: masked")
+			assert.Contains(t, string(out), "systemd-getty-generator: /dev/null")
 			assert.Contains(t, string(out), "udev credentials loader condition: "+tt.udevLoaded)
 		})
 	}
