@@ -367,6 +367,10 @@ func (m *Machine) KernelCommandLine() string {
 		"systemd.mask=systemd-networkd-wait-online.service",
 		"systemd.journald.forward_to_console=0",
 		"systemd.firstboot=off",
+		// The kernel's self-tests of its crypto algorithms take about 0.2 s
+		// of a TCG boot and test the kernel, not the software under test.
+		// A user's --kernel-arg cryptomgr.notests=0 comes later and wins.
+		"cryptomgr.notests",
 	}
 	if cfg.SkipTestUnit {
 		args = append(args, "systemd.unit=multi-user.target")

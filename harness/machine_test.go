@@ -96,6 +96,7 @@ func TestNewMachineArgs(t *testing.T) {
 			cmdline := m.KernelCommandLine()
 			assert.Contains(t, cmdline, tt.wantUnit)
 			assert.Contains(t, cmdline, "extra.arg=1")
+			assert.Less(t, strings.Index(cmdline, "cryptomgr.notests"), strings.Index(cmdline, "extra.arg=1"), "the user's arguments come last, so they can undo the harness's")
 			args := strings.Join(m.Args(), " ")
 			assert.Contains(t, args, "-device fake-vsock")
 			assert.Contains(t, args, "share=on")
