@@ -8,12 +8,9 @@ import (
 	"strconv"
 	"time"
 
-	"golang.org/x/sys/unix"
-
-	"github.com/vmharness/vmharness/internal/flock"
-
 	"github.com/vmharness/vmharness/harness"
 	"github.com/vmharness/vmharness/images"
+	"github.com/vmharness/vmharness/internal/flock"
 )
 
 // snapshotUnsupported checks the run's options against what a snapshot
@@ -74,33 +71,18 @@ func ensureSnapshotTemplate(ctx context.Context, r *testRun, cfg harness.Templat
 	return dir, release, nil
 }
 
-// holdTemplate takes the template at dir's lock shared and, if open
-// says the template is not usable, builds it under the build lock unless
-// a run that held that lock first built it meanwhile. It returns with the
-// shared lock held, or with no lock and an error.
+// holdTemplate takes the template at dir's lock (<dir>.lock) shared and,
+// if open says the template is not usable, builds it under
+// <dir>.build.lock (flock.Entry).
 func holdTemplate(ctx context.Context, dir string, open, build func() error, waiting func()) (release func(), err error) {
-	// Only a prune's removal ever holds this lock exclusively, briefly.
-	release, err = lockTemplate(ctx, dir+".lock", unix.LOCK_SH, nil)
-	if err != nil {
-		return nil, err
-	}
-	if open() == nil {
-		return release, nil
-	}
-	unlockBuild, err := lockTemplate(ctx, dir+".build.lock", unix.LOCK_EX, waiting)
-	if err != nil {
-		release()
-		return nil, err
-	}
-	defer unlockBuild()
-	if open() == nil {
-		return release, nil // built while this run waited
-	}
-	if err := build(); err != nil {
-		release()
-		return nil, err
-	}
-	return release, nil
+	release, _, err = flock.Entry{
+		What: "snapshot template", Lock: dir + ".lock", BuildLock: dir + ".build.lock",
+		Ready:   func() bool { return open() == nil },
+		Build:   func(context.Context) error { return build() },
+		Waiting: waiting,
+		Poll:    200 * time.Millisecond,
+	}.Hold(ctx)
+	return release, err
 }
 
 // discardSnapshotTemplate removes a template whose restored guest never
@@ -143,25 +125,4 @@ func buildSnapshotTemplate(ctx context.Context, r *testRun, cfg harness.Template
 	}
 	r.logf("snapshot template %s: built in %.1fs", name, time.Since(start).Seconds())
 	return nil
-}
-
-// lockTemplate opens path and takes the flock how on it, polling so ctx
-// can end the wait; waiting, if set, is called if it has to wait. unlock
-// closes the file.
-func lockTemplate(ctx context.Context, path string, how int, waiting func()) (unlock func(), err error) {
-	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o644)
-	if err != nil {
-		return nil, fmt.Errorf("snapshot template lock: %w (is the cache directory writable?)", err)
-	}
-	if waiting == nil {
-		waiting = func() {}
-	}
-	if err := flock.Wait(ctx, f, how, 200*time.Millisecond, waiting); err != nil {
-		f.Close()
-		if ctx.Err() != nil {
-			return nil, fmt.Errorf("waiting for snapshot template lock %s: %w", path, err)
-		}
-		return nil, fmt.Errorf("snapshot template lock %s: %w (is the cache directory writable?)", path, err)
-	}
-	return func() { f.Close() }, nil
 }

@@ -39,6 +39,7 @@ const (
 	tmpPrefix      = ".tmp-"       // .tmp-<key>-<random>/: a layer being written
 	layerExt       = ".qcow2"
 	lockExt        = ".lock"
+	buildLockExt   = ".build.lock"
 )
 
 // mesonTailLines is how much of a failed meson install's output an error

@@ -2,14 +2,9 @@ package layer
 
 import (
 	"context"
-	"errors"
 	"fmt"
-	"io/fs"
 	"os"
 	"path/filepath"
-	"time"
-
-	"golang.org/x/sys/unix"
 
 	"github.com/vmharness/vmharness/internal/flock"
 )
@@ -20,70 +15,32 @@ type layerPaths struct {
 	base     string // the base image the layer goes over
 }
 
-func (l layerPaths) layer() string      { return filepath.Join(l.dir, l.key+layerExt) }
-func (l layerPaths) lockFile() string   { return filepath.Join(l.dir, l.key+lockExt) }
-func (l layerPaths) tmpPattern() string { return tmpPrefix + l.key + "-*" }
+func (l layerPaths) layer() string         { return filepath.Join(l.dir, l.key+layerExt) }
+func (l layerPaths) lockFile() string      { return filepath.Join(l.dir, l.key+lockExt) }
+func (l layerPaths) buildLockFile() string { return filepath.Join(l.dir, l.key+buildLockExt) }
+func (l layerPaths) tmpPattern() string    { return tmpPrefix + l.key + "-*" }
 
 // acquire makes sure the layer file exists, writing it from t if it does
 // not, and returns with a shared lock on the key's lock file that release
-// drops. Writers hold the lock exclusively, so the shared lock waits for a
-// concurrent writer of the same key and then finds its layer; Prune takes
-// it exclusively without waiting, so it never removes a layer in use.
+// drops (flock.Entry): Prune takes that lock exclusively without waiting,
+// so it never removes a layer in use or being written. Writers serialise
+// on the key's build lock, so a run that misses the layer while another
+// writes it waits for that write alone, not for the runs using the layer.
 func (l layerPaths) acquire(ctx context.Context, logf func(string, ...any), t *tree) (built bool, release func(), err error) {
-	f, err := os.OpenFile(l.lockFile(), os.O_RDWR|os.O_CREATE, 0o644)
-	if err != nil {
-		return false, nil, fmt.Errorf("layer lock: %w", err)
-	}
-	defer func() {
-		if err != nil {
-			f.Close()
-		}
-	}()
-	// Prune may remove the layer between a writer publishing it and this
-	// run's shared lock; then write it again.
-	for attempt := 0; attempt < 3; attempt++ {
-		if err := l.flock(ctx, f, unix.LOCK_SH, logf); err != nil {
-			return false, nil, err
-		}
-		if _, err := os.Stat(l.layer()); err == nil {
-			return built, func() { f.Close() }, nil
-		}
-		// Two runs that both hold the shared lock and both ask for the
-		// exclusive one would wait for each other forever: let go first.
-		if err := unix.Flock(int(f.Fd()), unix.LOCK_UN); err != nil {
-			return false, nil, fmt.Errorf("layer lock %s: %w", l.lockFile(), err)
-		}
-		if err := l.flock(ctx, f, unix.LOCK_EX, logf); err != nil {
-			return false, nil, err
-		}
-		if _, err := os.Stat(l.layer()); errors.Is(err, fs.ErrNotExist) {
-			if err := l.write(ctx, t); err != nil {
-				return false, nil, err
-			}
-			built = true
-		}
-	}
-	return false, nil, fmt.Errorf("layer %s was removed three times while this run started; is `vmharness image prune` running in a loop?", l.layer())
-}
-
-// flock takes the lock how (LOCK_SH or LOCK_EX) on f, polling so ctx can
-// end the wait, and says once that it waits for another builder.
-func (l layerPaths) flock(ctx context.Context, f *os.File, how int, logf func(string, ...any)) error {
-	err := flock.Wait(ctx, f, how, 50*time.Millisecond, func() {
-		logf("layer %s: waiting for another run writing it (lock %s)", l.key[:16], l.lockFile())
-	})
-	switch {
-	case err == nil:
-		return nil
-	case ctx.Err() != nil:
-		return fmt.Errorf("waiting for layer lock %s: %w", l.lockFile(), err)
-	}
-	return fmt.Errorf("layer lock %s: %w", l.lockFile(), err)
+	release, built, err = flock.Entry{
+		What: "layer", Lock: l.lockFile(), BuildLock: l.buildLockFile(),
+		Ready: func() bool { _, err := os.Stat(l.layer()); return err == nil },
+		Build: func(ctx context.Context) error { return l.write(ctx, t) },
+		Waiting: func() {
+			logf("layer %s: waiting for another run writing it (lock %s)", l.key[:16], l.buildLockFile())
+		},
+	}.Hold(ctx)
+	return built, release, err
 }
 
 // write makes the layer in a temporary directory and renames it into
-// place. The caller holds the key's lock exclusively, so temporary
-// directories of the same key are leftovers of killed runs.
+// place. The caller holds the key's build lock, so temporary directories
+// of the same key are leftovers of killed runs.
 func (l layerPaths) write(ctx context.Context, t *tree) (err error) {
 	stale, _ := filepath.Glob(filepath.Join(l.dir, l.tmpPattern()))
 	for _, s := range stale {

@@ -15,8 +15,9 @@
 // <cache>/layers/<key>.qcow2, where the key hashes the install tree in a
 // canonical form (a newc cpio archive with every entry owned by root and
 // mtime 0, never written out) and the identity of the rootfs.img it goes
-// over, so an unchanged install tree reuses its layer. Builders of one key
-// serialise on <key>.lock and publish by an atomic rename; a run holds a
+// over, so an unchanged install tree reuses its layer. A run holds a
 // shared lock on <key>.lock until it ends, and Prune removes only layers
-// whose lock it can take exclusively.
+// whose lock it can take exclusively; builders of one key serialise on
+// <key>.build.lock and publish by an atomic rename (internal/flock's
+// Entry).
 package layer

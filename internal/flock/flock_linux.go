@@ -1,7 +1,8 @@
 // Package flock waits for flock(2) locks on vmharness's cache files (an
 // image being built, a build-tree layer being made, a snapshot template
 // being saved) in a way that a context can end: flock itself blocks
-// without a timeout, so the wait is a poll.
+// without a timeout, so the wait is a poll. Entry is the two-lock
+// protocol of a cache entry that runs use and one of them builds.
 package flock
 
 import (
