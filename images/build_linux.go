@@ -349,8 +349,9 @@ const StaticNodesFile = "etc/tmpfiles.d/static-nodes.conf"
 // modules of `uname -r`. So an image can mask kmod-static-nodes.service,
 // one unit less on the boot's critical path. The file has the same name
 // as the unit's, so /etc's copy takes the place of /run's if a recipe
-// unmasks the unit: the nodes are the same. Without a kernel or a
-// modules.devname it writes nothing.
+// unmasks the unit: the nodes are the same as long as the kernel that
+// boots is the image's. Without a kernel or a modules.devname it writes
+// nothing; a recipe's own file at that path is replaced.
 const staticNodesScript = `set -e
 for k in "$1"/boot/vmlinuz-*; do v=${k##*/vmlinuz-}; done
 f="$1/usr/lib/modules/$v/modules.devname"
@@ -358,7 +359,7 @@ test -s "$f" || exit 0
 mkdir -p "$1/etc/tmpfiles.d"
 {
 echo "# The static device nodes of kernel $v (kmod static-nodes), written by vmharness's image build."
-while read -r mod dev node; do
+while read -r mod dev node || test -n "$mod"; do
   case $mod in ""|"#"*) continue;; esac
   case $node in [bc][0-9]*:[0-9]*) ;; *) continue;; esac
   case $dev in */*) echo "d /dev/${dev%/*} 0755 - - -";; esac

@@ -93,6 +93,8 @@ func TestStaticNodesScript(t *testing.T) {
 			"d /dev/mapper 0755 - - -\n" +
 			"c! /dev/mapper/control 0600 - - - 10:236\n" +
 			"b! /dev/nbd0 0600 - - - 43:0\n"},
+		{"last line without a newline", true, "# Device nodes\nloop loop-control c10:237", "# The static device nodes of kernel 6.1-test (kmod static-nodes), written by vmharness's image build.\n" +
+			"c! /dev/loop-control 0600 - - - 10:237\n"},
 		{"no kernel", false, devname, ""},
 		{"empty modules.devname", true, "", ""},
 	}

@@ -277,7 +277,9 @@ func TestE2EPVHBoot(t *testing.T) {
 }
 
 // TestE2EBootUnits checks in the guest what the default image trims from
-// the boot: every unit and generator its recipe masks is masked, the static device
+// the boot: every unit its recipe masks is masked, every generator it
+// masks links to /dev/null (and the getty generator, the one whose output
+// a stock boot of this image has, wrote none), the static device
 // nodes written at build time are the ones kmod lists for the running
 // kernel, and udev's credential loader runs only when there are udev
 // credentials.
@@ -320,6 +322,23 @@ func TestE2EBootUnits(t *testing.T) {
 			assert.Contains(t, string(out), "udev credentials loader condition: "+tt.udevLoaded)
 		})
 	}
+}
+
+// TestE2EJournalMarkerFallback runs a unit whose device policy keeps its
+// ExecStopPost= from /dev/kmsg: its journal marker must still reach the
+// host (through systemd-cat), so the runner stops the VM at once instead
+// of waiting for the marker in vain.
+func TestE2EJournalMarkerFallback(t *testing.T) {
+	requireE2E(t)
+	r := startRun(t, "--name", "privdev", "--keep-journal", "always", filepath.Join("testdata", "private-devices.service"))
+	r.wait(t)
+	require.Equal(t, 0, r.exitCode)
+	assert.NotContains(t, r.stderr.String(), "journal marker did not arrive")
+	out, err := exec.Command("journalctl", "--file="+filepath.Join(r.jdir, "privdev.journal"),
+		"SYSLOG_IDENTIFIER=vmharness-journal-marker", "-o", "export", "--no-pager").Output()
+	require.NoError(t, err)
+	assert.Contains(t, string(out), "\n_TRANSPORT=stdout\n", "the marker came through systemd-cat:\n%s", out)
+	assert.NotContains(t, string(out), "\n_TRANSPORT=kernel\n")
 }
 
 // TestE2EReboot checks that a guest rebooting inside a test keeps one

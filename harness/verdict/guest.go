@@ -77,8 +77,12 @@ type GuestSetup struct {
 // whole journal. The ExecStopPost= command writes it to /dev/kmsg as root
 // (see JournalMarkerPriority), which journald takes in whatever the test
 // unit's User=, LogNamespace= or standard output, and without the fork and
-// exec under TCG that systemd-cat cost; the entry comes in with
-// _TRANSPORT=kernel, which only root can produce.
+// exec under TCG that systemd-cat costs; the entry comes in with
+// _TRANSPORT=kernel. A unit whose device policy keeps it from /dev/kmsg
+// logs it through systemd-cat instead, as root. journald drops the
+// kernel-log form if it runs with ForwardToKMsg=yes (it ignores user
+// records in the kernel log then, against loops) or MaxLevelSocket= below
+// debug: the host then waits for the marker in vain, for a bounded time.
 const JournalMarkerIdentifier = "vmharness-journal-marker"
 
 // JournalMarkerPriority is the syslog priority the marker is written to
@@ -93,8 +97,9 @@ const JournalMarkerPriority = 15
 // its dump until systemd-coredump, which reads the core from a pipe, has
 // logged it and closes the pipe, so no dump in progress is missed between
 // the kernel's helper and the socket-activated service that finishes it.
-// One grep over /proc, far cheaper under TCG than asking PID 1. A shell
-// script for a unit file, where "$$" is "$".
+// One grep over /proc, far cheaper under TCG than asking PID 1. It leaves
+// $i at the number of times it waited. A shell script for a unit file,
+// where "$$" is "$".
 const waitForCoredumps = `i=0; ` +
 	`while grep -qs "^CoreDumping:[[:space:]]*1" /proc/[0-9]*/status; do ` +
 	`if test $$i -ge 900; then echo "vmharness: a process is still dumping core after 3 minutes; its core dump may be missing from the journal"; break; fi; ` +
@@ -171,7 +176,9 @@ func (g GuestSetup) units() []guestUnit {
 			// /dev/kmsg, a redirection of the shell's echo rather than a
 			// program; journald reads the kernel log before its other
 			// sources, so before the sync the marker could overtake the
-			// test's last lines.
+			// test's last lines. Where the unit may not open /dev/kmsg
+			// (PrivateDevices=, DevicePolicy= and DeviceAllow= filter the
+			// whole unit's cgroup, "+" or not) systemd-cat logs it.
 			//
 			// The unit's own result goes to the host: the exit status PID
 			// 1 forwards cannot tell a failure with status 123 from the
@@ -180,16 +187,20 @@ func (g GuestSetup) units() []guestUnit {
 			// means a shutdown is already under way, and PID 1 then skips
 			// the success action. systemctl runs at the head of a pipe,
 			// alongside the wait for core dumps and the sync (the guest
-			// has two vCPUs), and the report waits for both; if systemctl
-			// fails, read gets nothing and the state is empty, which the
-			// host takes as unknown (no early stop), as an empty $(...)
-			// was. journalctl gets /dev/null for stdin: the pipe is
-			// read's.
+			// has two vCPUs), and the report waits for both; if the wait
+			// for core dumps waited at all ($$i is not 0), the state is
+			// sampled again after it, since a shutdown may have begun
+			// meanwhile. If systemctl fails, read gets nothing and the
+			// state is empty, which the host takes as unknown (no early
+			// stop), as an empty $$(...) was. journalctl gets /dev/null
+			// for stdin: the pipe is read's.
 			`systemctl is-system-running | {`,
 			waitForCoredumps+";",
 			"/usr/bin/journalctl --sync </dev/null;",
-			fmt.Sprintf(`echo "<%d>%s: $$INVOCATION_ID" >/dev/kmsg;`, JournalMarkerPriority, JournalMarkerIdentifier),
+			fmt.Sprintf(`echo "<%d>%s: $$INVOCATION_ID" 2>/dev/null >/dev/kmsg || echo "$$INVOCATION_ID" | /usr/bin/systemd-cat -t %s;`,
+				JournalMarkerPriority, JournalMarkerIdentifier, JournalMarkerIdentifier),
 			`read -r s;`,
+			`test "$$i" = 0 || s=$$(systemctl is-system-running </dev/null);`,
 			fmt.Sprintf(`%s %s="$$SERVICE_RESULT" %s="$$EXIT_CODE" %s="$$EXIT_STATUS" %s="$$s" %s="$$INVOCATION_ID"; }`,
 				notify, FieldTestResult, FieldTestExitCode, FieldTestExitStatus, FieldSystemState, FieldInvocation))),
 		// One command, not four: under TCG each ExecStopPost= costs PID 1

@@ -7,6 +7,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
@@ -32,7 +33,9 @@ func TestGuestSetupFiles(t *testing.T) {
 	// The journal is synced before the result is reported, and both before
 	// the success or failure action powers the VM off.
 	assert.Equal(t, 1, strings.Count(dropin, "\nExecStopPost="), "one command: each costs PID 1 an executor under TCG")
-	assert.Contains(t, dropin, `done; /usr/bin/journalctl --sync </dev/null; echo "<15>vmharness-journal-marker: $$INVOCATION_ID" >/dev/kmsg; read -r s; `+
+	assert.Contains(t, dropin, `done; /usr/bin/journalctl --sync </dev/null; `+
+		`echo "<15>vmharness-journal-marker: $$INVOCATION_ID" 2>/dev/null >/dev/kmsg || echo "$$INVOCATION_ID" | /usr/bin/systemd-cat -t vmharness-journal-marker; `+
+		`read -r s; test "$$i" = 0 || s=$$(systemctl is-system-running </dev/null); `+
 		`NOTIFY_SOCKET=vsock-stream:2:9 /usr/bin/systemd-notify --no-block `+
 		`X_VMHARNESS_TEST_RESULT="$$SERVICE_RESULT" X_VMHARNESS_TEST_EXIT_CODE="$$EXIT_CODE" X_VMHARNESS_TEST_EXIT_STATUS="$$EXIT_STATUS" `+
 		`X_VMHARNESS_SYSTEM_STATE="$$s" X_VMHARNESS_INVOCATION="$$INVOCATION_ID"; }'`+"\n", dropin,
@@ -81,9 +84,12 @@ func TestGuestUnitsReadBack(t *testing.T) {
 
 // TestReportCommandRuns runs the test unit's ExecStopPost= script with
 // sh, as systemd would after "$$" becomes "$", with fakes for journalctl,
-// systemd-notify and systemctl and a file for /dev/kmsg: the marker is
-// written after the sync and before the report, systemctl runs alongside
-// the sync, and its state (or none) is what the report carries.
+// systemd-cat, systemd-notify and systemctl, a file for /dev/kmsg and a
+// directory of its own for /proc: the marker is written after the sync
+// and before the report, through systemd-cat if /dev/kmsg cannot be
+// opened; systemctl runs alongside the sync, and its state (or none) is
+// what the report carries, sampled again if the script waited for a core
+// dump.
 func TestReportCommandRuns(t *testing.T) {
 	if _, err := os.Stat("/bin/sh"); err != nil {
 		t.Skip("no /bin/sh")
@@ -99,6 +105,9 @@ func TestReportCommandRuns(t *testing.T) {
 	script, ok = strings.CutSuffix(script, "'")
 	require.True(t, ok, script)
 	script = strings.ReplaceAll(script, "$$", "$")
+	for _, path := range []string{"/usr/bin/", "/dev/kmsg", "/proc/[0-9]*/status"} {
+		require.Contains(t, script, path)
+	}
 
 	// systemctl and journalctl each wait (5 s at most) until the other
 	// has started: both finish only when they run at the same time.
@@ -106,14 +115,22 @@ func TestReportCommandRuns(t *testing.T) {
 		return `touch "$DIR/` + mine + `.started"; i=0; while ! test -e "$DIR/` + theirs + `.started"; do ` +
 			`i=$((i+1)); if test $i -gt 500; then echo "` + mine + ` ran alone" >&2; exit 3; fi; sleep 0.01; done; `
 	}
+	const kmsgMarker = "<15>vmharness-journal-marker: inv1\n"
+	const catMarker = "systemd-cat -t vmharness-journal-marker: inv1\n"
 	tests := []struct {
 		name, systemctl, env string
-		wantState            string
+		coreDump             bool // a process is dumping core for the first half second
+		kmsgRefused          bool // /dev/kmsg cannot be opened (PrivateDevices=)
+		wantState, wantMark  string
 	}{
-		{"running", `echo running`, "", "running"},
-		{"degraded exits 1", `echo degraded; exit 1`, "", "degraded"},
-		{"systemctl fails", `echo "Failed to connect to bus" >&2; exit 1`, "", ""},
-		{"systemctl fails, s in the unit's environment", `exit 1`, "s=stale", ""},
+		{"running", `echo running`, "", false, false, "running", kmsgMarker},
+		{"degraded exits 1", `echo degraded; exit 1`, "", false, false, "degraded", kmsgMarker},
+		{"systemctl fails", `echo "Failed to connect to bus" >&2; exit 1`, "", false, false, "", kmsgMarker},
+		{"systemctl fails, s in the unit's environment", `exit 1`, "s=stale", false, false, "", kmsgMarker},
+		{"kmsg refused", `echo running`, "", false, true, "running", catMarker},
+		// A shutdown began while the script waited for the dump: the
+		// second sample says so.
+		{"waited for a core dump", `echo running`, "", true, false, "stopping", kmsgMarker},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -121,17 +138,30 @@ func TestReportCommandRuns(t *testing.T) {
 			fake := func(name, body string) {
 				require.NoError(t, os.WriteFile(filepath.Join(dir, name), []byte("#!/bin/sh\n"+body+"\n"), 0o755))
 			}
-			fake("systemctl", `test "$*" = is-system-running || exit 9; `+meet("systemctl", "journalctl")+tt.systemctl)
+			fake("systemctl", `test "$*" = is-system-running || exit 9; `+
+				`if test -e "$DIR/systemctl.started"; then echo stopping; exit 1; fi; `+
+				meet("systemctl", "journalctl")+tt.systemctl)
 			// journalctl drains its stdin, as a program may: were it
 			// the pipe, systemctl's state would never reach read.
-			// The marker must not be in the kernel log before the sync
-			// is done, nor missing when the report goes out.
+			// The marker must not be logged before the sync is done,
+			// nor missing when the report goes out.
 			fake("journalctl", `test "$*" = --sync || exit 9; `+meet("journalctl", "systemctl")+
-				`cat >/dev/null; test ! -e "$DIR/kmsg" || { echo "marker before the sync" >&2; exit 3; }; echo synced`)
-			fake("systemd-notify", `cat "$DIR/kmsg"; echo "notify NOTIFY_SOCKET=$NOTIFY_SOCKET $*"`)
+				`cat >/dev/null; test ! -f "$DIR/kmsg" && test ! -e "$DIR/cat" || { echo "marker before the sync" >&2; exit 3; }; `+
+				`test ! -e "$DIR/proc/7/status" || { echo "synced during a core dump" >&2; exit 3; }; echo synced`)
+			fake("systemd-cat", `echo "systemd-cat $*: $(cat)" >"$DIR/cat"`)
+			fake("systemd-notify", `cat "$DIR/kmsg" "$DIR/cat" 2>/dev/null; echo "notify NOTIFY_SOCKET=$NOTIFY_SOCKET $*"`)
+			if tt.kmsgRefused {
+				require.NoError(t, os.Mkdir(filepath.Join(dir, "kmsg"), 0o755))
+			}
+			if tt.coreDump {
+				status := filepath.Join(dir, "proc", "7", "status")
+				require.NoError(t, os.MkdirAll(filepath.Dir(status), 0o755))
+				require.NoError(t, os.WriteFile(status, []byte("Name:\tcrasher\nCoreDumping:\t1\n"), 0o644))
+				time.AfterFunc(500*time.Millisecond, func() { os.Remove(status) })
+			}
 			s := strings.ReplaceAll(script, "/usr/bin/", dir+"/")
-			require.Contains(t, s, ">/dev/kmsg;")
 			s = strings.ReplaceAll(s, "/dev/kmsg", dir+"/kmsg")
+			s = strings.ReplaceAll(s, "/proc/[0-9]*/status", dir+"/proc/[0-9]*/status")
 			cmd := exec.Command("/bin/sh", "-c", s)
 			cmd.Env = []string{"PATH=" + dir + ":/usr/bin:/bin", "DIR=" + dir, "INVOCATION_ID=inv1",
 				"SERVICE_RESULT=exit-code", "EXIT_CODE=exited", "EXIT_STATUS=3"}
@@ -142,8 +172,7 @@ func TestReportCommandRuns(t *testing.T) {
 			cmd.Stdout, cmd.Stderr = &stdout, &stderr
 			require.NoError(t, cmd.Run(), stderr.String())
 			assert.NotContains(t, stderr.String(), "ran alone")
-			// One line, as the kernel takes one record per write.
-			assert.Equal(t, "synced\n<15>vmharness-journal-marker: inv1\n"+
+			assert.Equal(t, "synced\n"+tt.wantMark+
 				"notify NOTIFY_SOCKET=vsock-stream:2:9 --no-block X_VMHARNESS_TEST_RESULT=exit-code X_VMHARNESS_TEST_EXIT_CODE=exited "+
 				"X_VMHARNESS_TEST_EXIT_STATUS=3 X_VMHARNESS_SYSTEM_STATE="+tt.wantState+" X_VMHARNESS_INVOCATION=inv1\n", stdout.String())
 		})
