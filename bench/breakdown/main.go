@@ -9,6 +9,8 @@
 // from QEMU's start: the guest's first notify message, the test's result,
 // the final EXIT_STATUS, QEMU gone) and from the wall clock around the
 // whole run; "host CPU" is the CPU time the run used, QEMU's included.
+// "firmware", the time before the guest kernel starts, is derived from
+// both: the host's time of the first notify message less the guest's.
 //
 //	go run ./bench/breakdown -runs 5 -base a8032bf   (see bench/breakdown.sh)
 package main
@@ -38,6 +40,7 @@ type phase struct {
 }
 
 var phases = []phase{
+	{"firmware", "host and guest: QEMU start to the guest kernel's start (QEMU's own start and the firmware), derived: the host's time of the first notify message less PID 1's guest time of sending it (its 'Hostname set' line); the runner's timings have 0.1 s resolution"},
 	{"kernel", "guest: kernel start to init (kernel log 'Run /init' or 'Run /sbin/init')"},
 	{"initrd", "guest: init to the real root's PID 1 banner (the initrd, if any)"},
 	{"basic.target", "guest: PID 1 start to basic.target"},
@@ -198,6 +201,11 @@ func guestPhases(journal, unit string, r map[string]float64) error {
 			// soon as it has the marker may never receive PID 1's
 			// "Finished" line.
 			first("unit end", t)
+		case e["SYSLOG_IDENTIFIER"] == "systemd" && strings.HasPrefix(msg, "Hostname set to <"):
+			// PID 1 sends its first notify message,
+			// X_SYSTEMD_HOSTNAME, right after this line; like the
+			// banner it comes in through the kernel log.
+			first("hostname", t)
 		case e["_PID"] == "1":
 			if strings.HasPrefix(msg, "Reached target basic.target") {
 				first("basic", t)
@@ -215,6 +223,11 @@ func guestPhases(journal, unit string, r map[string]float64) error {
 	for _, k := range need {
 		if _, ok := marks[k]; !ok {
 			return errors.New("journal " + journal + " lacks the mark " + k)
+		}
+	}
+	if host, ok := r["host: first message"]; ok {
+		if t, ok := marks["hostname"]; ok {
+			r["firmware"] = host - t
 		}
 	}
 	r["kernel"] = marks["init"]
