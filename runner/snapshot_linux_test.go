@@ -5,8 +5,6 @@ import (
 	"errors"
 	"os"
 	"path/filepath"
-	"sync"
-	"sync/atomic"
 	"testing"
 	"time"
 
@@ -30,52 +28,40 @@ func pruneCanTake(t *testing.T, dir string) bool {
 	return true
 }
 
-// TestHoldTemplateOneBuilder starts runs at once on a missing template:
-// exactly one builds it, the others wait for that build alone (not for
-// the runs that hold the template), and a prune cannot take the template
-// until every run has released it.
-func TestHoldTemplateOneBuilder(t *testing.T) {
+// TestHoldTemplate checks holdTemplate's wiring of flock.Entry, whose own
+// tests cover concurrent runs: the first run builds the missing template
+// and holds <dir>.lock, where a prune looks; a run that finds the
+// template needs no build lock; a prune can take the template once both
+// have released it.
+func TestHoldTemplate(t *testing.T) {
 	dir := filepath.Join(t.TempDir(), "default-0123456789abcdef-fedcba9876543210")
-	var built, builds, waited atomic.Int32
+	built := false
 	open := func() error {
-		if built.Load() == 0 {
+		if !built {
 			return errors.New("no template")
 		}
 		return nil
 	}
-	build := func() error {
-		builds.Add(1)
-		time.Sleep(300 * time.Millisecond)
-		built.Store(1)
-		return nil
-	}
-	const runs = 5
-	releases := make(chan func(), runs)
-	var wg sync.WaitGroup
-	for range runs {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			release, err := holdTemplate(context.Background(), dir, open, build, func() { waited.Add(1) })
-			if assert.NoError(t, err) {
-				releases <- release
-			}
-		}()
-	}
-	done := make(chan struct{})
-	go func() { wg.Wait(); close(done) }()
-	select {
-	case <-done:
-	case <-time.After(10 * time.Second):
-		t.Fatal("runs still waiting while every run holds the template: they wait for runs, not for the build")
-	}
-	close(releases)
-	assert.Equal(t, int32(1), builds.Load(), "one build")
-	assert.Positive(t, waited.Load(), "the others said they waited for it")
-	assert.False(t, pruneCanTake(t, dir), "a prune must not take a template runs hold")
-	for release := range releases {
-		release()
-	}
+	builds := 0
+	build := func() error { builds++; built = true; return nil }
+	first, err := holdTemplate(context.Background(), dir, open, build, nil)
+	require.NoError(t, err)
+	assert.Equal(t, 1, builds)
+	assert.False(t, pruneCanTake(t, dir), "a prune must not take a template a run holds")
+
+	b, err := os.OpenFile(dir+".build.lock", os.O_RDWR|os.O_CREATE, 0o644)
+	require.NoError(t, err)
+	defer b.Close()
+	require.NoError(t, unix.Flock(int(b.Fd()), unix.LOCK_EX|unix.LOCK_NB), "the first run let go of the build lock")
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	second, err := holdTemplate(ctx, dir, open, build, nil)
+	require.NoError(t, err, "a built template is used without the build lock")
+	assert.Equal(t, 1, builds)
+
+	first()
+	assert.False(t, pruneCanTake(t, dir), "the second run still holds it")
+	second()
 	assert.True(t, pruneCanTake(t, dir), "once the runs are over, a prune may take it")
 }
 
