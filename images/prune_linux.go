@@ -15,6 +15,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/vmharness/vmharness/images/layer"
+	"github.com/vmharness/vmharness/internal/flock"
 )
 
 // A run that boots a cached image holds a shared flock on the image's lock
@@ -240,19 +241,16 @@ func isDir(path string) bool {
 // removeIfUnused removes dir if it can take lockPath exclusively at once;
 // otherwise it returns why dir stays.
 func removeIfUnused(dir, lockPath string) (keptBecause string, err error) {
-	f, err := os.OpenFile(lockPath, os.O_RDWR|os.O_CREATE, 0o644)
+	unlock, taken, err := flock.TryExclusive(lockPath)
 	if err != nil {
 		return "", fmt.Errorf("image lock: %w", err)
 	}
-	defer f.Close()
-	if err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
-		if errors.Is(err, unix.EWOULDBLOCK) {
-			if strings.HasPrefix(filepath.Base(dir), ".tmp-") {
-				return "a build is in progress", nil
-			}
-			return "in use by a run (or being built)", nil
+	if !taken {
+		if strings.HasPrefix(filepath.Base(dir), ".tmp-") {
+			return "a build is in progress", nil
 		}
-		return "", fmt.Errorf("image lock %s: %w", lockPath, err)
+		return "in use by a run (or being built)", nil
 	}
+	defer unlock()
 	return "", removeTree(dir)
 }

@@ -281,8 +281,8 @@ func TestE2EPVHBoot(t *testing.T) {
 // masks links to /dev/null (and the getty generator, the one whose output
 // a stock boot of this image has, wrote none), the static device
 // nodes written at build time are the ones kmod lists for the running
-// kernel, and udev's credential loader runs only when there are udev
-// credentials.
+// kernel, udev's credential loader runs only when there are udev
+// credentials, and the kernel got cryptomgr.notests.
 func TestE2EBootUnits(t *testing.T) {
 	requireE2E(t)
 	r, err := images.Default()
@@ -319,6 +319,7 @@ func TestE2EBootUnits(t *testing.T) {
 			require.Equal(t, 0, run.exitCode, "the guest's checks:\n%s", out)
 			assert.Contains(t, string(out), "kmod-static-nodes.service: masked")
 			assert.Contains(t, string(out), "systemd-getty-generator: /dev/null")
+			assert.Contains(t, string(out), "kernel crypto self-tests off")
 			assert.Contains(t, string(out), "udev credentials loader condition: "+tt.udevLoaded)
 		})
 	}

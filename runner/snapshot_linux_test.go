@@ -11,21 +11,20 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 	"golang.org/x/sys/unix"
+
+	"github.com/vmharness/vmharness/internal/flock"
 )
 
 // pruneCanTake reports whether a prune could take the template's lock
 // now (exclusively, without waiting), as images.Prune does.
 func pruneCanTake(t *testing.T, dir string) bool {
 	t.Helper()
-	f, err := os.OpenFile(dir+".lock", os.O_RDWR|os.O_CREATE, 0o644)
+	unlock, taken, err := flock.TryExclusive(dir + ".lock")
 	require.NoError(t, err)
-	defer f.Close()
-	err = unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB)
-	if errors.Is(err, unix.EWOULDBLOCK) {
-		return false
+	if taken {
+		unlock()
 	}
-	require.NoError(t, err)
-	return true
+	return taken
 }
 
 // TestHoldTemplate checks holdTemplate's wiring of flock.Entry, whose own

@@ -10,7 +10,7 @@ import (
 	"sort"
 	"syscall"
 
-	"golang.org/x/sys/unix"
+	"github.com/vmharness/vmharness/internal/flock"
 )
 
 // Pruned is one layer-cache entry that Prune looked at.
@@ -80,17 +80,14 @@ func Prune(cacheDir string) (removed, kept []Pruned, err error) {
 // removeIfUnlocked removes path if it can take lockPath exclusively at
 // once; otherwise it returns keptBecause.
 func removeIfUnlocked(path, lockPath, keptBecause string) (string, error) {
-	f, err := os.OpenFile(lockPath, os.O_RDWR|os.O_CREATE, 0o644)
+	unlock, taken, err := flock.TryExclusive(lockPath)
 	if err != nil {
 		return "", fmt.Errorf("layer lock: %w", err)
 	}
-	defer f.Close()
-	if err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
-		if errors.Is(err, unix.EWOULDBLOCK) {
-			return keptBecause, nil
-		}
-		return "", fmt.Errorf("layer lock %s: %w", lockPath, err)
+	if !taken {
+		return keptBecause, nil
 	}
+	defer unlock()
 	if err := removeAll(path); err != nil && !errors.Is(err, fs.ErrNotExist) {
 		return "", fmt.Errorf("remove layer: %w", err)
 	}

@@ -8,6 +8,7 @@ package flock
 import (
 	"context"
 	"errors"
+	"fmt"
 	"os"
 	"time"
 
@@ -41,4 +42,23 @@ func Wait(ctx context.Context, f *os.File, how int, poll time.Duration, waiting 
 		case <-t.C:
 		}
 	}
+}
+
+// TryExclusive takes the lock file at path exclusively if nobody holds it,
+// without waiting: what a prune does before it removes what the lock
+// guards (see Entry). taken is false while another process holds the
+// lock; then unlock is nil. The file is created if missing.
+func TryExclusive(path string) (unlock func(), taken bool, err error) {
+	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o644)
+	if err != nil {
+		return nil, false, err
+	}
+	if err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
+		f.Close()
+		if errors.Is(err, unix.EWOULDBLOCK) {
+			return nil, false, nil
+		}
+		return nil, false, fmt.Errorf("lock %s: %w", path, err)
+	}
+	return func() { f.Close() }, true, nil
 }

@@ -48,3 +48,29 @@ func TestWait(t *testing.T) {
 	err := Wait(ctx, holder, unix.LOCK_EX, 5*time.Millisecond, nil)
 	assert.ErrorIs(t, err, cause)
 }
+
+func TestTryExclusive(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "x.lock")
+	unlock, taken, err := TryExclusive(path)
+	require.NoError(t, err)
+	require.True(t, taken, "nobody holds it")
+	_, again, err := TryExclusive(path)
+	require.NoError(t, err)
+	assert.False(t, again, "the first taker still holds it")
+	unlock()
+
+	holder := open(t, path)
+	require.NoError(t, unix.Flock(int(holder.Fd()), unix.LOCK_SH))
+	unlock, taken, err = TryExclusive(path)
+	require.NoError(t, err)
+	assert.False(t, taken, "a shared holder keeps a prune out")
+	assert.Nil(t, unlock)
+	holder.Close()
+	unlock, taken, err = TryExclusive(path)
+	require.NoError(t, err)
+	assert.True(t, taken)
+	unlock()
+
+	_, _, err = TryExclusive(filepath.Join(t.TempDir(), "missing", "x.lock"))
+	require.ErrorIs(t, err, os.ErrNotExist)
+}

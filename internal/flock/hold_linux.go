@@ -13,7 +13,8 @@ import (
 // them builds when it is missing: a build-tree layer, a snapshot
 // template. It has two lock files. Every run holds Lock shared for as
 // long as it uses the entry, so a prune, which takes Lock exclusively
-// without waiting, never removes an entry in use or being built. A run
+// without waiting (TryExclusive), never removes an entry in use or being
+// built. A run
 // that finds the entry missing builds it under BuildLock, held
 // exclusively; the other runs missing it wait there, for that build
 // alone, and never for the runs that hold Lock: asking for Lock

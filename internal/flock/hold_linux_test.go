@@ -15,18 +15,16 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// pruneCanTake reports whether a prune, which takes the lock exclusively
-// without waiting, would get it now.
+// pruneCanTake reports whether a prune (TryExclusive) would take the
+// lock now.
 func pruneCanTake(t *testing.T, path string) bool {
 	t.Helper()
-	f := open(t, path)
-	defer f.Close()
-	err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB)
-	if errors.Is(err, unix.EWOULDBLOCK) {
-		return false
-	}
+	unlock, taken, err := TryExclusive(path)
 	require.NoError(t, err)
-	return true
+	if taken {
+		unlock()
+	}
+	return taken
 }
 
 func testEntry(dir string, ready func() bool, build func(context.Context) error) Entry {
